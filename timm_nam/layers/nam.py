@@ -1,0 +1,243 @@
+""" NAM: Normalization-based Attention Module
+
+Paper: `NAM: Normalization-based Attention Module` - https://arxiv.org/abs/2111.12419
+Authors' code: https://github.com/Christian-lyc/NAM
+
+Channel attention (Eq. 2) and spatial "pixel normalization" attention (Eq. 3), and their
+sequential combination (channel then spatial, CBAM's order). Each gate is
+
+    out = sigmoid(w * BN(x)) * x,    w = |scale| / sum(|scale|)
+
+where BN is a batch norm whose scale (gamma for channels, lambda for pixels) also carries the
+sparsity penalty of Eq. 4 (see `timm_nam.penalty`).
+
+Implementation note: ``w * BN(x) = BN'(x)`` where BN' is the same normalization with scale
+``w * gamma`` and shift ``w * beta``. Passing those to one ``F.batch_norm`` call computes the gate's
+argument in a single pass (in eval mode: one per-channel affine), with gradients identical to the
+plain formula. The parameters and running statistics still live in an ordinary ``bn`` submodule, so
+state dicts keep the authors' layout (``bn.weight``, ``bn.bias``, ``bn.running_mean``, ...).
+"""
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import register_notrace_function, to_2tuple
+
+__all__ = ['NAMChannel', 'NAMSpatial', 'NAM', 'nam_weights']
+
+# Keyword arguments timm's model builders pass to attention / SE layers. NAM has no reduction MLP,
+# gate choice or activation, so these are accepted and ignored; anything else is a TypeError.
+_TIMM_ATTN_KWARGS = frozenset({
+    'act_layer', 'rd_ratio', 'rd_channels', 'rd_divisor', 'rd_round_fn', 'gate_layer',
+    'force_act_layer', 'norm_layer', 'bias', 'mlp_bias', 'se_ratio',
+})
+
+
+def _check_timm_kwargs(layer_name: str, kwargs: dict) -> None:
+    unknown = sorted(set(kwargs) - _TIMM_ATTN_KWARGS)
+    if unknown:
+        raise TypeError(f'{layer_name} got unexpected keyword argument(s): {", ".join(unknown)}')
+
+
+def nam_weights(scale: torch.Tensor, detach: bool = True) -> torch.Tensor:
+    """NAM's importance weights ``|scale| / sum(|scale|)``.
+
+    ``detach=True`` reproduces the authors' code, which reads ``bn.weight.data``: no gradient flows
+    through the weights. If every scale is 0 the weights are defined as 0, so the gate is
+    sigmoid(0) = 0.5 (NAM's neutral, at-init value) instead of NaN (0/0 in the authors' code).
+    """
+    a = scale.abs()
+    if detach:
+        a = a.detach()
+    total = a.sum()
+    return a / torch.where(total > 0, total, torch.ones_like(total))
+
+
+@register_notrace_function
+def _check_input(x: torch.Tensor, channels: int, name: str) -> None:
+    if x.dim() != 4:
+        raise ValueError(f'{name} expects a 4D (N, C, H, W) input, got {x.dim()}D with shape {list(x.shape)}')
+    if x.shape[1] != channels:
+        raise ValueError(f'{name} was built for {channels} channels, got input with {x.shape[1]} channels')
+
+
+@register_notrace_function
+def _check_feat_size(x: torch.Tensor, feat_size: Tuple[int, int], name: str) -> None:
+    if x.shape[2] != feat_size[0] or x.shape[3] != feat_size[1]:
+        raise ValueError(
+            f'{name} was built for {feat_size[0]}x{feat_size[1]} feature maps, got {x.shape[2]}x{x.shape[3]}. '
+            f'Pixel attention has one scale per pixel position, so it only works at the input size the model '
+            f'was created for: pass img_size= to timm.create_model to build it for another size.')
+
+
+class _NAMGate(nn.Module):
+    """What the channel and pixel gates share: a batch norm whose scale gives the importance weights."""
+    # subclasses set self.bn (a batch norm) and self.grad_through_weights
+
+    def weights(self) -> torch.Tensor:
+        """``|scale| / sum(|scale|)``, constant for autograd unless ``grad_through_weights``."""
+        return nam_weights(self.bn.weight, detach=not self.grad_through_weights)
+
+    def _count_batch(self) -> float:
+        """Count a training batch and return the running-average factor, as nn.BatchNorm does."""
+        num_batches_tracked = self.bn.num_batches_tracked
+        assert num_batches_tracked is not None
+        num_batches_tracked.add_(1)
+        momentum = self.bn.momentum
+        return 1. / float(num_batches_tracked) if momentum is None else float(momentum)
+
+
+class NAMChannel(_NAMGate):
+    """NAM channel attention (paper Eq. 2): ``sigmoid(|γ|/Σ|γ| · BN(x)) · x``.
+
+    ``BN`` is a plain affine ``BatchNorm2d(channels)`` (γ init 1, β init 0): batch statistics in
+    training, running statistics in eval, exactly as the authors' ``Channel_Att``. At init every
+    weight is 1/C, so the module starts as a gate of about 0.5.
+
+    Args:
+        channels: number of input channels C.
+        grad_through_weights: if False (default, as the authors' code) the weighting ``|γ|/Σ|γ|`` is
+            a constant for autograd and γ is trained only through BN's own ``γ·x̂ + β``; if True the
+            gradient also flows through the weighting.
+        eps, momentum: the batch norm's.
+        device, dtype: factory kwargs.
+        **kwargs: timm's attention-layer keywords (``act_layer``, ``rd_ratio``, ...) are accepted so the
+            layer drops into ``attn_layer=`` / ``se_layer=`` slots; NAM has no MLP, so they are ignored.
+    """
+
+    def __init__(
+            self,
+            channels: int,
+            grad_through_weights: bool = False,
+            eps: float = 1e-5,
+            momentum: float = 0.1,
+            device=None,
+            dtype=None,
+            **kwargs,
+    ):
+        super().__init__()
+        _check_timm_kwargs(type(self).__name__, kwargs)
+        self.channels = channels
+        self.grad_through_weights = grad_through_weights
+        self.bn = nn.BatchNorm2d(channels, eps=eps, momentum=momentum, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(x, self.channels, 'NAMChannel')
+        bn = self.bn
+        w = self.weights()
+        synced = False
+        if not torch.jit.is_scripting():
+            # converted by convert_sync_batchnorm (train.py --sync-bn): let it sync its statistics
+            synced = isinstance(bn, nn.SyncBatchNorm)
+        if synced:
+            y = bn(x) * w.view(1, -1, 1, 1)
+        else:
+            factor = 0.
+            if self.training:
+                factor = self._count_batch()
+            y = F.batch_norm(
+                x, bn.running_mean, bn.running_var, bn.weight * w, bn.bias * w, self.training, factor, bn.eps)
+        return x * torch.sigmoid(y)
+
+    def extra_repr(self) -> str:
+        return f'channels={self.channels}, grad_through_weights={self.grad_through_weights}'
+
+
+class NAMSpatial(_NAMGate):
+    """NAM spatial attention, "pixel normalization" (paper Eq. 3): ``sigmoid(|λ|/Σ|λ| · BN_s(x)) · x``.
+
+    ``BN_s`` normalizes each of the H·W pixel positions with statistics over the batch *and* the
+    channels and has one scale λ and shift β per pixel: the authors' deleted version applied
+    ``BatchNorm1d(H·W)`` to ``x`` reshaped to (N, H·W, C). Parameters and running statistics are kept
+    in that ``BatchNorm1d`` (``bn``), so λ has H·W entries and the layer only works at the feature
+    size it was built for; another size raises a ValueError naming both sizes.
+
+    Args:
+        channels: number of input channels C (checked at run time).
+        feat_size: (H, W) of the feature map this layer sees, or an int for square maps.
+        grad_through_weights, eps, momentum, device, dtype, **kwargs: as in `NAMChannel`.
+    """
+
+    def __init__(
+            self,
+            channels: int,
+            feat_size: Optional[Union[int, Tuple[int, int]]] = None,
+            grad_through_weights: bool = False,
+            eps: float = 1e-5,
+            momentum: float = 0.1,
+            device=None,
+            dtype=None,
+            **kwargs,
+    ):
+        super().__init__()
+        _check_timm_kwargs(type(self).__name__, kwargs)
+        if feat_size is None:
+            raise TypeError(
+                'NAMSpatial needs feat_size=(H, W): it has one scale per pixel position. Use '
+                'functools.partial(NAMSpatial, feat_size=...) or a named model such as resnet50_nam_sp.')
+        self.channels = channels
+        self.feat_size = tuple(to_2tuple(feat_size))
+        self.grad_through_weights = grad_through_weights
+        num_pixels = self.feat_size[0] * self.feat_size[1]
+        self.bn = nn.BatchNorm1d(num_pixels, eps=eps, momentum=momentum, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(x, self.channels, 'NAMSpatial')
+        _check_feat_size(x, self.feat_size, 'NAMSpatial')
+        bn = self.bn
+        h, w_ = self.feat_size
+        w = self.weights()
+        running_mean, running_var = bn.running_mean, bn.running_var
+        assert running_mean is not None and running_var is not None
+        if self.training:
+            # Per-pixel statistics over batch and channels (BatchNorm1d(H*W) on (N, H*W, C)), in fp32.
+            xs = x.flatten(2)
+            if xs.dtype in (torch.float16, torch.bfloat16):
+                xs = xs.float()
+            var, mean = torch.var_mean(xs, dim=(0, 1), unbiased=False)
+            n = xs.shape[0] * xs.shape[1]
+            with torch.no_grad():
+                factor = self._count_batch()
+                running_mean.lerp_(mean.to(running_mean.dtype), factor)
+                running_var.lerp_((var * (n / max(n - 1, 1))).to(running_var.dtype), factor)
+        else:
+            mean, var = running_mean, running_var
+        # w * BN_s(x) = a * x + b with per-pixel a, b: one affine inside the gate.
+        a = w * bn.weight * torch.rsqrt(var + bn.eps)
+        b = w * bn.bias - mean * a
+        a = a.to(x.dtype).view(1, 1, h, w_)
+        b = b.to(x.dtype).view(1, 1, h, w_)
+        return x * torch.sigmoid(torch.addcmul(b, x, a))
+
+    def extra_repr(self) -> str:
+        return (f'channels={self.channels}, feat_size={self.feat_size}, '
+                f'grad_through_weights={self.grad_through_weights}')
+
+
+class NAM(nn.Module):
+    """NAM with channel then spatial attention, in sequence (the paper adopts CBAM's integration).
+
+    Args are those of `NAMSpatial`; both submodules share ``grad_through_weights``, ``eps`` and
+    ``momentum``.
+    """
+
+    def __init__(
+            self,
+            channels: int,
+            feat_size: Optional[Union[int, Tuple[int, int]]] = None,
+            grad_through_weights: bool = False,
+            eps: float = 1e-5,
+            momentum: float = 0.1,
+            device=None,
+            dtype=None,
+            **kwargs,
+    ):
+        super().__init__()
+        _check_timm_kwargs(type(self).__name__, kwargs)
+        common = dict(grad_through_weights=grad_through_weights, eps=eps, momentum=momentum, device=device, dtype=dtype)
+        self.channel = NAMChannel(channels, **common)
+        self.spatial = NAMSpatial(channels, feat_size=feat_size, **common)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.spatial(self.channel(x))

@@ -1,0 +1,1 @@
+from .resnet_nam import AttnResNet

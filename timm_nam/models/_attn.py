@@ -1,0 +1,66 @@
+""" Named attention kinds that the model families place in their blocks or between stages.
+
+Models take these names (not classes) as constructor arguments, so their configs stay plain data
+(timm's ``save_for_hf`` refuses class-valued model kwargs) and every variant has one name.
+"""
+import math
+from typing import Optional, Tuple
+
+import torch.nn as nn
+from timm.layers.cbam import CbamModule
+from timm.layers.squeeze_excite import SEModule
+
+from ..layers import BAM, NAM, NAMChannel, NAMSpatial, TripletAttention
+
+__all__ = ['BLOCK_ATTN_KINDS', 'STAGE_ATTN_KINDS', 'create_block_attn', 'create_stage_attn', 'feat_size_at']
+
+# Baselines use the NAM paper's reduction r=16 with hidden width C // 16; these exact choices are the
+# ones whose parameter counts equal the paper's Tables 1-2 (SE bias-free, CBAM's MLP with bias).
+BLOCK_ATTN_KINDS = {
+    'nam_ch': 'NAM channel attention (Eq. 2)',
+    'nam_sp': 'NAM spatial / pixel attention (Eq. 3)',
+    'nam': 'NAM channel then spatial attention',
+    'se': 'Squeeze-and-Excitation, r=16, bias-free FCs (timm SEModule)',
+    'cbam': 'CBAM, r=16, k=7, MLP with bias (timm CbamModule)',
+    'tam': 'Triplet attention, k=7',
+}
+STAGE_ATTN_KINDS = {
+    'bam': 'BAM, r=16, dilation 4',
+}
+SPATIAL_KINDS = frozenset({'nam_sp', 'nam'})
+
+
+def _check_kind(kind: str, kinds: dict, what: str) -> None:
+    if kind not in kinds:
+        raise ValueError(f'Unknown {what} {kind!r}; expected one of {sorted(kinds)}')
+
+
+def create_block_attn(kind: str, channels: int, feat_size: Optional[Tuple[int, int]] = None, **dd) -> nn.Module:
+    """Build the attention of ``kind`` for a block with ``channels`` outputs of size ``feat_size``."""
+    _check_kind(kind, BLOCK_ATTN_KINDS, 'block attention')
+    if kind == 'nam_ch':
+        return NAMChannel(channels, **dd)
+    if kind == 'nam_sp':
+        return NAMSpatial(channels, feat_size=feat_size, **dd)
+    if kind == 'nam':
+        return NAM(channels, feat_size=feat_size, **dd)
+    if kind == 'se':
+        return SEModule(channels, rd_channels=max(channels // 16, 1), bias=False, **dd)
+    if kind == 'cbam':
+        return CbamModule(channels, rd_channels=max(channels // 16, 1), mlp_bias=True, **dd)
+    return TripletAttention(channels, **dd)
+
+
+def create_stage_attn(kind: str, channels: int, **dd) -> nn.Module:
+    _check_kind(kind, STAGE_ATTN_KINDS, 'stage attention')
+    return BAM(channels, **dd)
+
+
+def feat_size_at(img_size: Tuple[int, int], reduction: int) -> Tuple[int, int]:
+    """Feature map size after ``log2(reduction)`` stride-2 convs/pools with 'same'-style padding
+    (kernel k, padding k//2), each of which maps h to ceil(h / 2)."""
+    h, w = img_size
+    while reduction > 1:
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+        reduction //= 2
+    return h, w

@@ -1,0 +1,229 @@
+""" ResNets with NAM (and the NAM paper's baselines) in every residual block.
+
+NAM sits where timm puts block attention: after the last conv+BN of the residual branch, before
+drop-path and the residual add (Bottleneck: after bn3; BasicBlock: after bn2), in every block.
+
+* ImageNet layout: ``resnet{18,34,50,101}_nam`` (channel NAM, the paper's best ResNet setting),
+  ``resnet50_nam_sp`` (spatial only) and ``resnet50_nam_chsp`` (channel then spatial).
+* CIFAR layout for the paper's Table 1 (3x3 stride-1 stem, no max-pool, 32x32, 100 classes):
+  ``resnet50_cifar`` and its ``_se``, ``_cbam``, ``_bam``, ``_tam``, ``_nam``, ``_nam_sp``,
+  ``_nam_chsp`` variants.
+
+Spatial (pixel) NAM has one scale per feature-map position, so models with it are built for one
+input size (``img_size=``, default the cfg's) and their cfg says ``fixed_input_size=True``.
+"""
+from functools import partial
+from typing import Optional, Tuple, Union
+
+import torch.nn as nn
+from timm.layers import to_2tuple
+from timm.models import ResNet, build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.resnet import BasicBlock, Bottleneck
+
+from ._attn import create_block_attn, create_stage_attn, feat_size_at
+from ._cfg import cifar_cfg, nam_cfg
+
+__all__ = ['AttnResNet']
+
+
+def _block_with_attn(block, kind: str, feat_size: Tuple[int, int]):
+    """A per-stage block constructor whose ``attn_layer`` is ``kind`` built for ``feat_size``."""
+    attn_layer = partial(create_block_attn, kind, feat_size=feat_size)
+    block_fn = partial(block, attn_layer=attn_layer)
+    block_fn.expansion = block.expansion  # timm's make_blocks reads it
+    return block_fn
+
+
+class AttnResNet(ResNet):
+    """timm's ResNet with a named attention in every block and/or after stages, optionally with a
+    CIFAR stem. Everything else (blocks, init, features, heads, checkpointing) is timm's.
+
+    Args:
+        block_attn: attention in every block, a key of ``BLOCK_ATTN_KINDS`` ('nam_ch', 'nam_sp', 'nam',
+            'se', 'cbam', 'tam') or None.
+        stage_attn: attention appended to stages ``stage_attn_stages`` ('bam') or None.
+        stage_attn_stages: 0-based stage indices that get ``stage_attn`` (BAM: after layer1-3).
+        cifar_stem: 3x3 stride-1 stem conv and no max-pool (the CIFAR ResNets of the paper).
+        img_size: input size the spatial attention is built for.
+        Other args: timm's `ResNet`.
+    """
+
+    def __init__(
+            self,
+            block,
+            layers: Tuple[int, ...],
+            block_attn: Optional[str] = None,
+            stage_attn: Optional[str] = None,
+            stage_attn_stages: Tuple[int, ...] = (0, 1, 2),
+            cifar_stem: bool = False,
+            img_size: Union[int, Tuple[int, int]] = 224,
+            output_stride: int = 32,
+            **kwargs,
+    ):
+        if cifar_stem and output_stride != 32:
+            raise ValueError(f'cifar_stem models support output_stride=32 only, got {output_stride}')
+        self.img_size = to_2tuple(img_size)
+        self.block_attn = block_attn
+        self.stage_attn = stage_attn
+        num_stages = len(kwargs.get('channels', (64, 128, 256, 512)))
+        if block_attn is not None:
+            stem_reduction = 1 if cifar_stem else 4
+            block = tuple(
+                _block_with_attn(block, block_attn, feat_size_at(self.img_size, min(stem_reduction * 2 ** i, output_stride)))
+                for i in range(num_stages))
+        super().__init__(block, layers, output_stride=output_stride, **kwargs)
+        dd = dict(device=kwargs.get('device'), dtype=kwargs.get('dtype'))
+        if cifar_stem:
+            stem_chs = self.conv1.out_channels
+            self.conv1 = nn.Conv2d(self.in_chans, stem_chs, kernel_size=3, stride=1, padding=1, bias=False, **dd)
+            nn.init.kaiming_normal_(self.conv1.weight, mode='fan_out', nonlinearity='relu')
+            self.maxpool = nn.Identity()
+            for info in self.feature_info:
+                info['reduction'] = max(info['reduction'] // 4, 1)
+        if stage_attn is not None:
+            for i in stage_attn_stages:
+                stage = getattr(self, f'layer{i + 1}')
+                stage.append(create_stage_attn(stage_attn, self.feature_info[i + 1]['num_chs'], **dd))
+
+
+def _create_attn_resnet(variant: str, pretrained: bool = False, **kwargs) -> AttnResNet:
+    model = build_model_with_cfg(AttnResNet, variant, pretrained, **kwargs)
+    _sync_cfg_input_size(model, kwargs.get('img_size'))
+    return model
+
+
+def _sync_cfg_input_size(model, img_size) -> None:
+    """A model built for another ``img_size`` gets a cfg that says so (data config reads it)."""
+    if img_size is None:
+        return
+    h, w = to_2tuple(img_size)
+    cfg = dict(model.pretrained_cfg)
+    if tuple(cfg['input_size'][-2:]) == (h, w):
+        return
+    old_h, old_w = cfg['input_size'][-2:]
+    cfg['input_size'] = (cfg['input_size'][0], h, w)
+    if cfg.get('pool_size'):
+        ph, pw = cfg['pool_size']
+        cfg['pool_size'] = (max(round(ph * h / old_h), 1), max(round(pw * w / old_w), 1))
+    model.pretrained_cfg = model.default_cfg = cfg
+
+
+def _rn_cfg(fixed: bool = False, **kwargs):
+    return nam_cfg('conv1', 'fc', fixed_input_size=fixed, **kwargs)
+
+
+def _rn_cifar_cfg(fixed: bool = False, **kwargs):
+    return cifar_cfg('conv1', 'fc', fixed_input_size=fixed, **kwargs)
+
+
+default_cfgs = generate_default_cfgs({
+    'resnet18_nam': _rn_cfg(),
+    'resnet34_nam': _rn_cfg(),
+    'resnet50_nam': _rn_cfg(),
+    'resnet101_nam': _rn_cfg(),
+    'resnet50_nam_sp': _rn_cfg(fixed=True),
+    'resnet50_nam_chsp': _rn_cfg(fixed=True),
+    'resnet50_cifar': _rn_cifar_cfg(),
+    'resnet50_cifar_se': _rn_cifar_cfg(),
+    'resnet50_cifar_cbam': _rn_cifar_cfg(),
+    'resnet50_cifar_bam': _rn_cifar_cfg(),
+    'resnet50_cifar_tam': _rn_cifar_cfg(),
+    'resnet50_cifar_nam': _rn_cifar_cfg(),
+    'resnet50_cifar_nam_sp': _rn_cifar_cfg(fixed=True),
+    'resnet50_cifar_nam_chsp': _rn_cifar_cfg(fixed=True),
+})
+
+_R18 = dict(block=BasicBlock, layers=(2, 2, 2, 2))
+_R34 = dict(block=BasicBlock, layers=(3, 4, 6, 3))
+_R50 = dict(block=Bottleneck, layers=(3, 4, 6, 3))
+_R101 = dict(block=Bottleneck, layers=(3, 4, 23, 3))
+# The authors' CIFAR ResNet (kuangliu-style) has no zero-init of the last BN.
+_R50_CIFAR = dict(_R50, cifar_stem=True, img_size=32, zero_init_last=False)
+
+
+def _create(variant: str, pretrained: bool, arch: dict, **kwargs) -> AttnResNet:
+    return _create_attn_resnet(variant, pretrained, **dict(arch, **kwargs))
+
+
+@register_model
+def resnet18_nam(pretrained: bool = False, **kwargs) -> AttnResNet:
+    """ResNet-18 with channel NAM after bn2 of every BasicBlock."""
+    return _create('resnet18_nam', pretrained, dict(_R18, block_attn='nam_ch'), **kwargs)
+
+
+@register_model
+def resnet34_nam(pretrained: bool = False, **kwargs) -> AttnResNet:
+    """ResNet-34 with channel NAM after bn2 of every BasicBlock."""
+    return _create('resnet34_nam', pretrained, dict(_R34, block_attn='nam_ch'), **kwargs)
+
+
+@register_model
+def resnet50_nam(pretrained: bool = False, **kwargs) -> AttnResNet:
+    """ResNet-50 with channel NAM after bn3 of every Bottleneck (the paper's best ResNet setting)."""
+    return _create('resnet50_nam', pretrained, dict(_R50, block_attn='nam_ch'), **kwargs)
+
+
+@register_model
+def resnet101_nam(pretrained: bool = False, **kwargs) -> AttnResNet:
+    """ResNet-101 with channel NAM after bn3 of every Bottleneck."""
+    return _create('resnet101_nam', pretrained, dict(_R101, block_attn='nam_ch'), **kwargs)
+
+
+@register_model
+def resnet50_nam_sp(pretrained: bool = False, **kwargs) -> AttnResNet:
+    """ResNet-50 with spatial (pixel) NAM only in every block; built for one input size."""
+    return _create('resnet50_nam_sp', pretrained, dict(_R50, block_attn='nam_sp'), **kwargs)
+
+
+@register_model
+def resnet50_nam_chsp(pretrained: bool = False, **kwargs) -> AttnResNet:
+    """ResNet-50 with channel then spatial NAM in every block; built for one input size."""
+    return _create('resnet50_nam_chsp', pretrained, dict(_R50, block_attn='nam'), **kwargs)
+
+
+@register_model
+def resnet50_cifar(pretrained: bool = False, **kwargs) -> AttnResNet:
+    """CIFAR ResNet-50 (paper Table 1 baseline)."""
+    return _create('resnet50_cifar', pretrained, _R50_CIFAR, **kwargs)
+
+
+@register_model
+def resnet50_cifar_se(pretrained: bool = False, **kwargs) -> AttnResNet:
+    """CIFAR ResNet-50 + SE (r=16, bias-free) in every block (paper Table 1)."""
+    return _create('resnet50_cifar_se', pretrained, dict(_R50_CIFAR, block_attn='se'), **kwargs)
+
+
+@register_model
+def resnet50_cifar_cbam(pretrained: bool = False, **kwargs) -> AttnResNet:
+    """CIFAR ResNet-50 + CBAM (r=16, k=7) in every block (paper Table 1)."""
+    return _create('resnet50_cifar_cbam', pretrained, dict(_R50_CIFAR, block_attn='cbam'), **kwargs)
+
+
+@register_model
+def resnet50_cifar_bam(pretrained: bool = False, **kwargs) -> AttnResNet:
+    """CIFAR ResNet-50 + BAM after layer1, layer2 and layer3 (paper Table 1)."""
+    return _create('resnet50_cifar_bam', pretrained, dict(_R50_CIFAR, stage_attn='bam'), **kwargs)
+
+
+@register_model
+def resnet50_cifar_tam(pretrained: bool = False, **kwargs) -> AttnResNet:
+    """CIFAR ResNet-50 + triplet attention (k=7) in every block (paper Table 1)."""
+    return _create('resnet50_cifar_tam', pretrained, dict(_R50_CIFAR, block_attn='tam'), **kwargs)
+
+
+@register_model
+def resnet50_cifar_nam(pretrained: bool = False, **kwargs) -> AttnResNet:
+    """CIFAR ResNet-50 + channel NAM in every block (paper Table 1, NAM(ch))."""
+    return _create('resnet50_cifar_nam', pretrained, dict(_R50_CIFAR, block_attn='nam_ch'), **kwargs)
+
+
+@register_model
+def resnet50_cifar_nam_sp(pretrained: bool = False, **kwargs) -> AttnResNet:
+    """CIFAR ResNet-50 + spatial NAM in every block (paper Table 1, NAM(sp)); 32x32 only."""
+    return _create('resnet50_cifar_nam_sp', pretrained, dict(_R50_CIFAR, block_attn='nam_sp'), **kwargs)
+
+
+@register_model
+def resnet50_cifar_nam_chsp(pretrained: bool = False, **kwargs) -> AttnResNet:
+    """CIFAR ResNet-50 + channel then spatial NAM in every block; 32x32 only."""
+    return _create('resnet50_cifar_nam_chsp', pretrained, dict(_R50_CIFAR, block_attn='nam'), **kwargs)
