@@ -88,11 +88,11 @@ class AttnResNet(ResNet):
 
 def _create_attn_resnet(variant: str, pretrained: bool = False, **kwargs) -> AttnResNet:
     model = build_model_with_cfg(AttnResNet, variant, pretrained, **kwargs)
-    _sync_cfg_input_size(model, kwargs.get('img_size'))
+    sync_cfg_input_size(model, kwargs.get('img_size'))
     return model
 
 
-def _sync_cfg_input_size(model, img_size) -> None:
+def sync_cfg_input_size(model, img_size) -> None:
     """A model built for another ``img_size`` gets a cfg that says so (data config reads it)."""
     if img_size is None:
         return

@@ -1,0 +1,206 @@
+""" MobileNetV2 / EfficientNet-B0 with NAM (and the NAM paper's baselines) at the end of every block.
+
+The paper puts NAM "at the end of each network block": after the projection (pointwise-linear) BN
+of each inverted residual, before the shortcut add. timm's ``se_layer`` slot sits elsewhere (after
+the depthwise conv), so these models use timm's blocks unchanged and place the attention in the
+projection norm's activation slot (``bn3.act`` of an InvertedResidual, ``bn2.act`` of the first
+DepthwiseSeparable block). That slot is an ``Identity`` in these architectures (the projection is
+linear) and runs after the BN, before drop-path and the shortcut: exactly the paper's position.
+Plain timm weights (``mobilenetv2_100``) keep their keys, so they load with ``strict=False``.
+
+* ``mobilenetv2_nam`` = ``mobilenetv2_100_nam``: channel then spatial NAM, as the paper's *text* says
+  for its MobileNetV2 result (3.55M params, fixed 224x224 input);
+  ``mobilenetv2_100_nam_ch``: channel-only NAM, the configuration whose 3.51M matches the paper's
+  Table 2 count. ``mobilenetv2_140_nam`` / ``mobilenetv2_050_nam``: width 1.4 / 0.5, channel+spatial.
+* ``mobilenetv2_100_se`` / ``_cbam`` / ``_bam``: the paper's Table 2 baselines (SE and CBAM at the
+  same block-end position, BAM after each of the 7 stages).
+* ``efficientnet_b0_nam``: timm's EfficientNet-B0 (its own SE kept) plus channel NAM at every block end.
+"""
+import math
+from functools import partial
+from typing import Optional, Tuple, Union
+
+import torch.nn as nn
+from timm.layers import to_2tuple
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
+from timm.models._efficientnet_builder import decode_arch_def, resolve_act_layer, resolve_bn_args, round_channels
+from timm.models.efficientnet import EfficientNet
+
+from ._attn import create_block_attn, create_stage_attn
+from ._cfg import nam_cfg
+from .resnet_nam import sync_cfg_input_size
+
+__all__ = ['AttnEfficientNet']
+
+
+def _projection_norm(block: nn.Module) -> nn.Module:
+    if isinstance(block, InvertedResidual):
+        return block.bn3
+    if isinstance(block, DepthwiseSeparableConv):
+        return block.bn2
+    raise TypeError(f'No block-end attention slot known for {type(block).__name__}')
+
+
+class AttnEfficientNet(EfficientNet):
+    """timm's EfficientNet with a named attention at the end of every block and/or after stages.
+
+    Args:
+        block_attn: attention after every block's projection BN, a key of ``BLOCK_ATTN_KINDS`` or None.
+        stage_attn: attention appended to every stage ('bam') or None.
+        img_size: input size the spatial attention is built for.
+        Other args: timm's `EfficientNet`.
+    """
+
+    def __init__(
+            self,
+            *args,
+            block_attn: Optional[str] = None,
+            stage_attn: Optional[str] = None,
+            img_size: Union[int, Tuple[int, int]] = 224,
+            **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        self.img_size = to_2tuple(img_size)
+        self.block_attn = block_attn
+        self.stage_attn = stage_attn
+        dd = dict(device=kwargs.get('device'), dtype=kwargs.get('dtype'))
+        h, w = (math.ceil(s / self.conv_stem.stride[0]) for s in self.img_size)
+        for stage in self.blocks:
+            for block in stage:
+                stride = block.conv_dw.stride[0]
+                h, w = math.ceil(h / stride), math.ceil(w / stride)
+                if block_attn is not None:
+                    norm = _projection_norm(block)
+                    if not isinstance(norm.act, nn.Identity):
+                        raise ValueError(f'{type(block).__name__} has an activation after its projection norm')
+                    norm.act = create_block_attn(block_attn, norm.num_features, feat_size=(h, w), **dd)
+            if stage_attn is not None:
+                stage.append(create_stage_attn(stage_attn, _projection_norm(stage[-1]).num_features, **dd))
+
+
+def _create_attn_effnet(variant: str, pretrained: bool = False, **kwargs) -> AttnEfficientNet:
+    # features_only goes through timm's generic FeatureListNet over the model's feature_info
+    model = build_model_with_cfg(
+        AttnEfficientNet, variant, pretrained, feature_cfg=dict(flatten_sequential=True), **kwargs)
+    sync_cfg_input_size(model, kwargs.get('img_size'))
+    return model
+
+
+def _gen_mobilenetv2(variant: str, channel_multiplier: float, pretrained: bool = False, **kwargs):
+    """timm's MobileNetV2 definition (``_gen_mobilenet_v2``), built as an `AttnEfficientNet`."""
+    arch_def = [
+        ['ds_r1_k3_s1_c16'],
+        ['ir_r2_k3_s2_e6_c24'],
+        ['ir_r3_k3_s2_e6_c32'],
+        ['ir_r4_k3_s2_e6_c64'],
+        ['ir_r3_k3_s1_e6_c96'],
+        ['ir_r3_k3_s2_e6_c160'],
+        ['ir_r1_k3_s1_e6_c320'],
+    ]
+    round_chs_fn = partial(round_channels, multiplier=channel_multiplier)
+    model_kwargs = dict(
+        block_args=decode_arch_def(arch_def),
+        num_features=max(1280, round_chs_fn(1280)),
+        stem_size=32,
+        round_chs_fn=round_chs_fn,
+        norm_layer=kwargs.pop('norm_layer', None) or partial(nn.BatchNorm2d, **resolve_bn_args(kwargs)),
+        act_layer=resolve_act_layer(kwargs, 'relu6'),
+        **kwargs,
+    )
+    return _create_attn_effnet(variant, pretrained, **model_kwargs)
+
+
+def _gen_efficientnet_b0(variant: str, pretrained: bool = False, **kwargs):
+    """timm's EfficientNet-B0 definition (``_gen_efficientnet``), built as an `AttnEfficientNet`."""
+    arch_def = [
+        ['ds_r1_k3_s1_e1_c16_se0.25'],
+        ['ir_r2_k3_s2_e6_c24_se0.25'],
+        ['ir_r2_k5_s2_e6_c40_se0.25'],
+        ['ir_r3_k3_s2_e6_c80_se0.25'],
+        ['ir_r3_k5_s1_e6_c112_se0.25'],
+        ['ir_r4_k5_s2_e6_c192_se0.25'],
+        ['ir_r1_k3_s1_e6_c320_se0.25'],
+    ]
+    round_chs_fn = partial(round_channels, multiplier=1.0, divisor=8)
+    model_kwargs = dict(
+        block_args=decode_arch_def(arch_def, 1.0),
+        num_features=round_chs_fn(1280),
+        stem_size=32,
+        round_chs_fn=round_chs_fn,
+        act_layer=resolve_act_layer(kwargs, 'swish'),
+        norm_layer=kwargs.pop('norm_layer', None) or partial(nn.BatchNorm2d, **resolve_bn_args(kwargs)),
+        **kwargs,
+    )
+    return _create_attn_effnet(variant, pretrained, **model_kwargs)
+
+
+def _cfg(fixed: bool = False, **kwargs):
+    return nam_cfg('conv_stem', 'classifier', fixed_input_size=fixed, interpolation='bicubic', **kwargs)
+
+
+default_cfgs = generate_default_cfgs({
+    'mobilenetv2_nam': _cfg(fixed=True),
+    'mobilenetv2_100_nam': _cfg(fixed=True),
+    'mobilenetv2_100_nam_ch': _cfg(),
+    'mobilenetv2_140_nam': _cfg(fixed=True),
+    'mobilenetv2_050_nam': _cfg(fixed=True),
+    'mobilenetv2_100_se': _cfg(),
+    'mobilenetv2_100_cbam': _cfg(),
+    'mobilenetv2_100_bam': _cfg(),
+    'efficientnet_b0_nam': _cfg(),
+})
+
+
+@register_model
+def mobilenetv2_nam(pretrained: bool = False, **kwargs) -> AttnEfficientNet:
+    """MobileNetV2 (width 1.0) + channel then spatial NAM at every block end (same as mobilenetv2_100_nam)."""
+    return _gen_mobilenetv2('mobilenetv2_nam', 1.0, pretrained, block_attn='nam', **kwargs)
+
+
+@register_model
+def mobilenetv2_100_nam(pretrained: bool = False, **kwargs) -> AttnEfficientNet:
+    """MobileNetV2 (width 1.0) + channel then spatial NAM at every block end (the paper's text)."""
+    return _gen_mobilenetv2('mobilenetv2_100_nam', 1.0, pretrained, block_attn='nam', **kwargs)
+
+
+@register_model
+def mobilenetv2_100_nam_ch(pretrained: bool = False, **kwargs) -> AttnEfficientNet:
+    """MobileNetV2 (width 1.0) + channel NAM at every block end (the paper's Table 2 parameter count)."""
+    return _gen_mobilenetv2('mobilenetv2_100_nam_ch', 1.0, pretrained, block_attn='nam_ch', **kwargs)
+
+
+@register_model
+def mobilenetv2_140_nam(pretrained: bool = False, **kwargs) -> AttnEfficientNet:
+    """MobileNetV2 (width 1.4) + channel then spatial NAM at every block end."""
+    return _gen_mobilenetv2('mobilenetv2_140_nam', 1.4, pretrained, block_attn='nam', **kwargs)
+
+
+@register_model
+def mobilenetv2_050_nam(pretrained: bool = False, **kwargs) -> AttnEfficientNet:
+    """MobileNetV2 (width 0.5) + channel then spatial NAM at every block end."""
+    return _gen_mobilenetv2('mobilenetv2_050_nam', 0.5, pretrained, block_attn='nam', **kwargs)
+
+
+@register_model
+def mobilenetv2_100_se(pretrained: bool = False, **kwargs) -> AttnEfficientNet:
+    """MobileNetV2 + SE (r=16, bias-free) at every block end (paper Table 2 baseline)."""
+    return _gen_mobilenetv2('mobilenetv2_100_se', 1.0, pretrained, block_attn='se', **kwargs)
+
+
+@register_model
+def mobilenetv2_100_cbam(pretrained: bool = False, **kwargs) -> AttnEfficientNet:
+    """MobileNetV2 + CBAM (r=16, k=7) at every block end (paper Table 2 baseline)."""
+    return _gen_mobilenetv2('mobilenetv2_100_cbam', 1.0, pretrained, block_attn='cbam', **kwargs)
+
+
+@register_model
+def mobilenetv2_100_bam(pretrained: bool = False, **kwargs) -> AttnEfficientNet:
+    """MobileNetV2 + BAM after each of the 7 stages (paper Table 2 baseline)."""
+    return _gen_mobilenetv2('mobilenetv2_100_bam', 1.0, pretrained, stage_attn='bam', **kwargs)
+
+
+@register_model
+def efficientnet_b0_nam(pretrained: bool = False, **kwargs) -> AttnEfficientNet:
+    """EfficientNet-B0 (with its SE) + channel NAM at every block end."""
+    return _gen_efficientnet_b0('efficientnet_b0_nam', pretrained, block_attn='nam_ch', **kwargs)
