@@ -54,8 +54,9 @@ def nam_weights(scale: torch.Tensor, detach: bool = True) -> torch.Tensor:
     return a / torch.where(total > 0, total, torch.ones_like(total))
 
 
+# Public names: torch.fx only auto-wraps (does not trace into) functions whose names lack a leading '_'.
 @register_notrace_function
-def _check_input(x: torch.Tensor, channels: int, name: str) -> None:
+def check_nam_input(x: torch.Tensor, channels: int, name: str) -> None:
     if x.dim() != 4:
         raise ValueError(f'{name} expects a 4D (N, C, H, W) input, got {x.dim()}D with shape {list(x.shape)}')
     if x.shape[1] != channels:
@@ -63,12 +64,24 @@ def _check_input(x: torch.Tensor, channels: int, name: str) -> None:
 
 
 @register_notrace_function
-def _check_feat_size(x: torch.Tensor, feat_size: Tuple[int, int], name: str) -> None:
+def check_nam_feat_size(x: torch.Tensor, feat_size: Tuple[int, int], name: str) -> None:
     if x.shape[2] != feat_size[0] or x.shape[3] != feat_size[1]:
         raise ValueError(
             f'{name} was built for {feat_size[0]}x{feat_size[1]} feature maps, got {x.shape[2]}x{x.shape[3]}. '
             f'Pixel attention has one scale per pixel position, so it only works at the input size the model '
             f'was created for: pass img_size= to timm.create_model to build it for another size.')
+
+
+@register_notrace_function
+def pixel_batch_stats(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pixel mean, biased and unbiased variance over batch and channels, in at least fp32: the
+    statistics of ``BatchNorm1d(H*W)`` applied to ``x`` reshaped to (N, H*W, C)."""
+    xs = x.flatten(2)
+    if xs.dtype == torch.float16 or xs.dtype == torch.bfloat16:
+        xs = xs.float()
+    var, mean = torch.var_mean(xs, dim=(0, 1), unbiased=False)
+    n = xs.shape[0] * xs.shape[1]
+    return mean, var, var * (n / max(n - 1, 1))
 
 
 class _NAMGate(nn.Module):
@@ -123,7 +136,7 @@ class NAMChannel(_NAMGate):
         self.bn = nn.BatchNorm2d(channels, eps=eps, momentum=momentum, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(x, self.channels, 'NAMChannel')
+        check_nam_input(x, self.channels, 'NAMChannel')
         bn = self.bn
         w = self.weights()
         synced = False
@@ -183,24 +196,19 @@ class NAMSpatial(_NAMGate):
         self.bn = nn.BatchNorm1d(num_pixels, eps=eps, momentum=momentum, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(x, self.channels, 'NAMSpatial')
-        _check_feat_size(x, self.feat_size, 'NAMSpatial')
+        check_nam_input(x, self.channels, 'NAMSpatial')
+        check_nam_feat_size(x, self.feat_size, 'NAMSpatial')
         bn = self.bn
         h, w_ = self.feat_size
         w = self.weights()
         running_mean, running_var = bn.running_mean, bn.running_var
         assert running_mean is not None and running_var is not None
         if self.training:
-            # Per-pixel statistics over batch and channels (BatchNorm1d(H*W) on (N, H*W, C)), in fp32.
-            xs = x.flatten(2)
-            if xs.dtype in (torch.float16, torch.bfloat16):
-                xs = xs.float()
-            var, mean = torch.var_mean(xs, dim=(0, 1), unbiased=False)
-            n = xs.shape[0] * xs.shape[1]
+            mean, var, var_unbiased = pixel_batch_stats(x)
             with torch.no_grad():
                 factor = self._count_batch()
                 running_mean.lerp_(mean.to(running_mean.dtype), factor)
-                running_var.lerp_((var * (n / max(n - 1, 1))).to(running_var.dtype), factor)
+                running_var.lerp_(var_unbiased.to(running_var.dtype), factor)
         else:
             mean, var = running_mean, running_var
         # w * BN_s(x) = a * x + b with per-pixel a, b: one affine inside the gate.

@@ -1,0 +1,20 @@
+"""Small synthetic datasets for tests (no downloads)."""
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def make_image_folder(root: Path, classes: int = 2, per_class: int = 4, size: int = 32, seed: int = 0) -> Path:
+    """An ImageFolder tree <root>/{train,val}/<class>/<i>.png of random images whose colour depends on the class."""
+    rng = np.random.default_rng(seed)
+    for split in ('train', 'val'):
+        for c in range(classes):
+            d = Path(root) / split / f'class{c}'
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                base = np.zeros((size, size, 3), dtype=np.float32)
+                base[..., c % 3] = 160
+                img = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(d / f'{i}.png')
+    return Path(root)

@@ -1,0 +1,216 @@
+"""NAM layers: the paper's formulas (float64, train and eval), options, edge cases and timm slots."""
+from functools import partial
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+from timm_nam import NAM, BAM, NAMChannel, NAMSpatial, TripletAttention, nam_weights
+
+
+def _randomize_bn(bn: nn.Module) -> None:
+    with torch.no_grad():
+        bn.weight.uniform_(-1.5, 1.5)
+        bn.bias.normal_()
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+
+
+def _channel_reference(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """Authors' Channel_Att: sigmoid(|γ|/Σ|γ| · BN(x)) · x with weights from .data."""
+    w = bn.weight.data.abs() / bn.weight.data.abs().sum()
+    return torch.sigmoid(bn(x) * w.view(1, -1, 1, 1)) * x
+
+
+def _spatial_reference(bn: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
+    """Authors' deleted pixel attention: BatchNorm1d(H·W) over x reshaped to (N, H·W, C)."""
+    n, c, h, w = x.shape
+    y = bn(x.permute(0, 2, 3, 1).reshape(n, h * w, c))  # stats per pixel over batch and channels
+    y = y.reshape(n, h, w, c).permute(0, 3, 1, 2)
+    lam = bn.weight.data.abs() / bn.weight.data.abs().sum()
+    return torch.sigmoid(y * lam.view(1, 1, h, w)) * x
+
+
+@pytest.mark.parametrize('training', [True, False])
+def test_channel_matches_formula_float64(training):
+    layer = NAMChannel(16).double()
+    _randomize_bn(layer.bn)
+    ref_bn = nn.BatchNorm2d(16).double()
+    ref_bn.load_state_dict(layer.bn.state_dict())
+    layer.train(training)
+    ref_bn.train(training)
+    x = torch.randn(4, 16, 7, 5, dtype=torch.float64) * 3 + 1
+    for _ in range(3):  # also checks the running statistics evolve identically
+        out = layer(x)
+        ref = _channel_reference(ref_bn, x)
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(layer.bn.running_mean, ref_bn.running_mean, atol=1e-12, rtol=0)
+    torch.testing.assert_close(layer.bn.running_var, ref_bn.running_var, atol=1e-12, rtol=0)
+    assert int(layer.bn.num_batches_tracked) == int(ref_bn.num_batches_tracked)
+
+
+@pytest.mark.parametrize('training', [True, False])
+def test_spatial_matches_formula_float64(training):
+    layer = NAMSpatial(6, feat_size=(5, 4)).double()
+    assert layer.bn.weight.shape == (20,)
+    _randomize_bn(layer.bn)
+    ref_bn = nn.BatchNorm1d(20).double()
+    ref_bn.load_state_dict(layer.bn.state_dict())
+    layer.train(training)
+    ref_bn.train(training)
+    x = torch.randn(3, 6, 5, 4, dtype=torch.float64) * 2 - 1
+    for _ in range(3):
+        torch.testing.assert_close(layer(x), _spatial_reference(ref_bn, x), atol=1e-6, rtol=0)
+    torch.testing.assert_close(layer.bn.running_mean, ref_bn.running_mean, atol=1e-12, rtol=0)
+    torch.testing.assert_close(layer.bn.running_var, ref_bn.running_var, atol=1e-12, rtol=0)
+
+
+def test_combined_is_channel_then_spatial():
+    layer = NAM(8, feat_size=6).double().eval()
+    _randomize_bn(layer.channel.bn)
+    _randomize_bn(layer.spatial.bn)
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    expected = _spatial_reference(layer.spatial.bn, _channel_reference(layer.channel.bn, x))
+    torch.testing.assert_close(layer(x), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize('make', [lambda: NAMChannel(8), lambda: NAMSpatial(8, feat_size=4)])
+def test_gradients_match_formula(make):
+    """Default: no gradient through |γ|/Σ|γ| (authors' .data); option: gradient through it."""
+    x = torch.randn(4, 8, 4, 4, dtype=torch.float64)
+    for through in (False, True):
+        layer = make().double().train()
+        layer.grad_through_weights = through
+        _randomize_bn(layer.bn)
+        ref_bn = (nn.BatchNorm2d(8) if isinstance(layer, NAMChannel) else nn.BatchNorm1d(16)).double()
+        ref_bn.load_state_dict(layer.bn.state_dict())
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        layer(xa).square().sum().backward()
+        if isinstance(layer, NAMChannel):
+            w = nam_weights(ref_bn.weight, detach=not through)
+            ref = torch.sigmoid(ref_bn(xb) * w.view(1, -1, 1, 1)) * xb
+        else:
+            n, c, h, w_ = xb.shape
+            y = ref_bn(xb.permute(0, 2, 3, 1).reshape(n, h * w_, c)).reshape(n, h, w_, c).permute(0, 3, 1, 2)
+            lam = nam_weights(ref_bn.weight, detach=not through)
+            ref = torch.sigmoid(y * lam.view(1, 1, h, w_)) * xb
+        ref.square().sum().backward()
+        torch.testing.assert_close(layer.bn.weight.grad, ref_bn.weight.grad, atol=1e-9, rtol=1e-7)
+        torch.testing.assert_close(layer.bn.bias.grad, ref_bn.bias.grad, atol=1e-9, rtol=1e-7)
+        torch.testing.assert_close(xa.grad, xb.grad, atol=1e-9, rtol=1e-7)
+
+
+def test_grad_through_weights_changes_the_scale_gradient():
+    x = torch.randn(4, 8, 4, 4)
+    grads = []
+    for through in (False, True):
+        torch.manual_seed(1)
+        layer = NAMChannel(8, grad_through_weights=through)
+        _randomize_bn(layer.bn)
+        layer(x).sum().backward()
+        grads.append(layer.bn.weight.grad.clone())
+    assert not torch.allclose(grads[0], grads[1])
+
+
+def test_initial_gate_is_half():
+    layer = NAMChannel(4).eval()  # fresh running stats: BN(x) = x/sqrt(1+eps); weights 1/4
+    x = torch.zeros(1, 4, 3, 3) + 2.0
+    expected = torch.sigmoid(torch.tensor(2.0 / (1 + 1e-5) ** 0.5 / 4)) * 2.0
+    torch.testing.assert_close(layer(x), torch.full_like(x, float(expected)))
+
+
+@pytest.mark.parametrize('make', [lambda: NAMChannel(5), lambda: NAMSpatial(5, feat_size=3), lambda: NAM(5, 3)])
+@pytest.mark.parametrize('training', [True, False])
+def test_all_zero_scales_give_half_gate_not_nan(make, training):
+    layer = make().train(training)
+    for m in layer.modules():
+        if isinstance(m, (NAMChannel, NAMSpatial)):
+            nn.init.zeros_(m.bn.weight)
+            m.grad_through_weights = True
+    x = torch.randn(2, 5, 3, 3, requires_grad=True)
+    out = layer(x)
+    assert torch.isfinite(out).all()
+    expected = x * 0.5 if not isinstance(layer, NAM) else x * 0.25
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    for p in layer.parameters():
+        assert torch.isfinite(p.grad).all()
+    assert torch.equal(nam_weights(torch.zeros(3)), torch.zeros(3))
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match='built for 8 channels, got input with 4 channels'):
+        NAMChannel(8)(torch.randn(2, 4, 3, 3))
+    with pytest.raises(ValueError, match=r'4D \(N, C, H, W\) input, got 3D'):
+        NAMChannel(8)(torch.randn(8, 3, 3))
+    with pytest.raises(ValueError, match=r'4D \(N, C, H, W\) input, got 2D'):
+        NAMSpatial(8, feat_size=3)(torch.randn(2, 8))
+    with pytest.raises(ValueError, match='built for 7x7 feature maps, got 14x14'):
+        NAMSpatial(8, feat_size=7)(torch.randn(1, 8, 14, 14))
+    with pytest.raises(TypeError, match='NAMSpatial needs feat_size'):
+        NAMSpatial(8)
+    with pytest.raises(TypeError, match='unexpected keyword argument.*momentun'):
+        NAMChannel(8, momentun=0.2)
+
+
+def test_accepts_timm_attention_kwargs():
+    layer = NAMChannel(8, act_layer=nn.SiLU, rd_ratio=0.25, device='cpu', dtype=torch.float64)
+    assert layer.bn.weight.dtype == torch.float64
+    assert sum(p.numel() for p in layer.parameters()) == 16
+
+
+def test_timm_attn_layer_and_se_layer_slots():
+    resnet = timm.create_model('resnet50', block_args=dict(attn_layer=NAMChannel), num_classes=10).eval()
+    nams = [m for m in resnet.modules() if isinstance(m, NAMChannel)]
+    assert len(nams) == 16 and all(b.se is not None for s in (resnet.layer1, resnet.layer4) for b in s)
+    assert resnet(torch.randn(1, 3, 64, 64)).shape == (1, 10)
+
+    effnet = timm.create_model('efficientnet_b0', se_layer=NAMChannel, num_classes=10).eval()
+    assert len([m for m in effnet.modules() if isinstance(m, NAMChannel)]) == 16
+    out = effnet(torch.randn(1, 3, 64, 64))
+    assert out.shape == (1, 10) and torch.isfinite(out).all()
+
+    sized = timm.create_model('resnet18', block_args=dict(attn_layer=partial(NAMSpatial, feat_size=8)))
+    with pytest.raises(ValueError, match='built for 8x8 feature maps, got 16x16'):
+        sized(torch.randn(1, 3, 64, 64))
+
+
+@pytest.mark.parametrize('make', [lambda: NAMChannel(8), lambda: NAMSpatial(8, feat_size=5), lambda: NAM(8, 5)])
+def test_torchscript_matches_eager(make):
+    layer = make()
+    scripted = torch.jit.script(layer)
+    x = torch.randn(2, 8, 5, 5)
+    for training in (True, False):
+        layer.train(training)
+        scripted.train(training)
+        torch.testing.assert_close(scripted(x), layer(x))
+
+
+def test_compile_fullgraph_matches_eager():
+    layer = NAM(8, 5).train()
+    compiled = torch.compile(layer, fullgraph=True, backend='aot_eager')
+    x = torch.randn(2, 8, 5, 5)
+    torch.testing.assert_close(compiled(x), layer(x))
+    layer.eval()
+    torch.testing.assert_close(compiled(x), layer(x))
+
+
+def test_sync_batchnorm_conversion_keeps_the_gate():
+    layer = NAMChannel(4).eval()
+    _randomize_bn(layer.bn)
+    x = torch.randn(2, 4, 3, 3)
+    expected = layer(x)
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(layer).eval()
+    assert isinstance(converted.bn, nn.SyncBatchNorm)
+    torch.testing.assert_close(converted(x), expected)
+
+
+def test_baseline_layers_shapes_and_counts():
+    x = torch.randn(2, 256, 8, 8)
+    bam = BAM(256)
+    assert bam(x).shape == x.shape
+    assert sum(p.numel() for p in bam.parameters()) == 17361
+    tam = TripletAttention(256)
+    assert tam(x).shape == x.shape
+    assert sum(p.numel() for p in tam.parameters()) == 300

@@ -1,0 +1,241 @@
+"""Every registered timm-nam model against the checks of timm's own tests/test_models.py, plus the
+paper's parameter counts and the placement of NAM."""
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+from timm.models import get_pretrained_cfg_value
+
+import timm_nam
+from timm_nam import NAM, NAMChannel, NAMSpatial
+
+ALL_MODELS = sorted(
+    timm.list_models(module='resnet_nam') + timm.list_models(module='efficientnet_nam'))
+# the big ones are covered by their smaller siblings in the slow-path tests below
+FAST_MODELS = [m for m in ALL_MODELS if m not in ('resnet101_nam', 'mobilenetv2_140_nam')]
+
+# sizes as timm's test suite picks them, smaller where the model allows it (2-core CPU)
+TARGET_FWD, TARGET_BWD, TARGET_JIT, TARGET_FEAT = 160, 96, 96, 96
+
+
+def _input_size(name, target):
+    input_size = get_pretrained_cfg_value(name, 'input_size')
+    if get_pretrained_cfg_value(name, 'fixed_input_size'):
+        return input_size
+    return tuple(min(s, target) for s in input_size)
+
+
+def test_model_list():
+    expected = {
+        'resnet18_nam', 'resnet34_nam', 'resnet50_nam', 'resnet101_nam', 'resnet50_nam_sp', 'resnet50_nam_chsp',
+        'mobilenetv2_nam', 'mobilenetv2_100_nam', 'mobilenetv2_100_nam_ch', 'mobilenetv2_140_nam',
+        'mobilenetv2_050_nam', 'efficientnet_b0_nam', 'resnet50_cifar', 'resnet50_cifar_se', 'resnet50_cifar_cbam',
+        'resnet50_cifar_bam', 'resnet50_cifar_tam', 'resnet50_cifar_nam', 'resnet50_cifar_nam_sp',
+        'resnet50_cifar_nam_chsp', 'mobilenetv2_100_se', 'mobilenetv2_100_cbam', 'mobilenetv2_100_bam',
+    }
+    assert set(ALL_MODELS) == expected
+    assert set(timm.list_models('*nam*')) >= {m for m in expected if 'nam' in m}
+
+
+PAPER_PARAMS = {  # REFERENCE.md section 3, verified counts
+    'resnet50_cifar': 23_705_252,
+    'resnet50_cifar_nam': 23_735_460,
+    'resnet50_cifar_nam_sp': 23_714_308,
+    'resnet50_cifar_nam_chsp': 23_744_516,
+    'resnet50_cifar_se': 26_220_196,
+    'resnet50_cifar_cbam': 26_237_844,
+    'resnet50_cifar_bam': 24_063_319,
+    'resnet50_cifar_tam': 23_710_052,
+    'mobilenetv2_100_nam_ch': 3_507_880,
+    'mobilenetv2_100_nam': 3_553_352,
+    'mobilenetv2_nam': 3_553_352,
+    'mobilenetv2_100_se': 3_533_288,
+    'mobilenetv2_100_cbam': 3_536_585,
+    'mobilenetv2_100_bam': 3_543_015,
+}
+
+
+@pytest.mark.parametrize('name', sorted(PAPER_PARAMS))
+def test_paper_parameter_counts(name):
+    model = timm.create_model(name)
+    assert sum(p.numel() for p in model.parameters()) == PAPER_PARAMS[name]
+
+
+def test_nam_placement_resnet():
+    model = timm.create_model('resnet50_nam')
+    blocks = [b for s in (model.layer1, model.layer2, model.layer3, model.layer4) for b in s]
+    assert len(blocks) == 16 and all(isinstance(b.se, NAMChannel) for b in blocks)
+    assert all(b.se.channels == b.bn3.num_features for b in blocks)
+    basic = timm.create_model('resnet18_nam')
+    assert all(isinstance(b.se, NAMChannel) and b.se.channels == b.bn2.num_features
+               for s in (basic.layer1, basic.layer4) for b in s)
+    sp = timm.create_model('resnet50_nam_chsp')
+    sizes = [b.se.spatial.feat_size for s in (sp.layer1, sp.layer2, sp.layer3, sp.layer4) for b in s]
+    assert sizes == [(56, 56)] * 3 + [(28, 28)] * 4 + [(14, 14)] * 6 + [(7, 7)] * 3
+    cifar = timm.create_model('resnet50_cifar_nam_sp')
+    assert [s[0].se.feat_size for s in (cifar.layer1, cifar.layer2, cifar.layer3, cifar.layer4)] == [
+        (32, 32), (16, 16), (8, 8), (4, 4)]
+
+
+def test_nam_placement_mobilenetv2_is_after_projection_bn():
+    model = timm.create_model('mobilenetv2_100_nam').eval()
+    blocks = [b for s in model.blocks for b in s]
+    assert len(blocks) == 17
+    gates = [b.bn3.act if hasattr(b, 'bn3') else b.bn2.act for b in blocks]
+    assert all(isinstance(g, NAM) for g in gates)
+    assert [g.spatial.feat_size[0] for g in gates] == [112] + [56] * 2 + [28] * 3 + [14] * 7 + [7] * 4
+    # the gate sees the projection BN's output and feeds the residual add: check one block numerically
+    block = model.blocks[1][1]  # an inverted residual with a shortcut (24 channels, 56x56)
+    x = torch.randn(1, 24, 56, 56)
+    with torch.no_grad():
+        y = block.bn2(block.conv_dw(block.bn1(block.conv_pw(x))))
+        proj = block.bn3.drop(torch.nn.functional.batch_norm(
+            block.conv_pwl(y), block.bn3.running_mean, block.bn3.running_var, block.bn3.weight, block.bn3.bias,
+            False, 0., block.bn3.eps))
+        torch.testing.assert_close(block(x), block.bn3.act(proj) + x)
+
+
+def test_spatial_models_raise_on_other_sizes_and_rebuild_with_img_size():
+    model = timm.create_model('resnet50_cifar_nam_sp').eval()
+    assert model.pretrained_cfg['fixed_input_size'] is True
+    with pytest.raises(ValueError, match='built for 32x32 feature maps, got 48x48'):
+        model(torch.randn(1, 3, 48, 48))
+    model48 = timm.create_model('resnet50_cifar_nam_sp', img_size=48).eval()
+    assert model48(torch.randn(1, 3, 48, 48)).shape == (1, 100)
+    assert model48.pretrained_cfg['input_size'] == (3, 48, 48)
+    assert model48.pretrained_cfg['pool_size'] == (6, 6)
+    odd = timm.create_model('mobilenetv2_050_nam', img_size=(97, 130)).eval()
+    assert odd(torch.randn(1, 3, 97, 130)).shape == (1, 1000)
+    for name in ('resnet50_nam', 'mobilenetv2_100_nam_ch', 'efficientnet_b0_nam', 'resnet50_cifar_nam'):
+        assert get_pretrained_cfg_value(name, 'fixed_input_size') is False
+        model = timm.create_model(name).eval()
+        assert torch.isfinite(model(torch.randn(1, 3, 72, 56))).all()
+
+
+@pytest.mark.parametrize('name', ALL_MODELS)
+def test_pretrained_cfg_complete(name):
+    cfg = timm.models.get_pretrained_cfg(name).to_dict()
+    for key in ('num_classes', 'input_size', 'pool_size', 'mean', 'std', 'first_conv', 'classifier',
+                'license', 'paper_ids', 'origin_url', 'crop_pct', 'interpolation'):
+        assert cfg.get(key) is not None, f'{name}: cfg lacks {key}'
+    assert 'fixed_input_size' in cfg
+    assert cfg['fixed_input_size'] == any(k in name for k in ('nam_sp', 'nam_chsp')) or (
+        name in ('mobilenetv2_nam', 'mobilenetv2_100_nam', 'mobilenetv2_140_nam', 'mobilenetv2_050_nam'))
+    spatial = any(isinstance(m, NAMSpatial) for m in timm.create_model(name).modules())
+    assert cfg['fixed_input_size'] == spatial
+
+
+@pytest.mark.parametrize('name', FAST_MODELS)
+def test_model_forward_and_grad_checkpointing(name):
+    model = timm.create_model(name).eval()
+    x = torch.randn(1, *_input_size(name, TARGET_FWD))
+    out = model(x)
+    assert out.shape == (1, model.num_classes) and not torch.isnan(out).any()
+    model.set_grad_checkpointing()
+    torch.testing.assert_close(model(x), out, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('name', FAST_MODELS)
+def test_model_backward(name):
+    model = timm.create_model(name, num_classes=42).train()
+    out = model(torch.randn(2, *_input_size(name, TARGET_BWD)))
+    out.mean().backward()
+    assert out.shape == (2, 42) and not torch.isnan(out).any()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, f'no gradient for {missing}'
+
+
+@pytest.mark.parametrize('name', FAST_MODELS)
+def test_model_default_cfg_heads(name):
+    """timm's test_model_default_cfgs: feature/pool sizes, pre-logits, classifier resets, names."""
+    model = timm.create_model(name).eval()
+    cfg = model.pretrained_cfg
+    state_dict = model.state_dict()
+    x = torch.randn(1, *cfg['input_size'])
+    feats = model.forward_features(x)
+    pre = model.forward_head(feats, pre_logits=True)
+    assert feats.shape[-2:] == tuple(cfg['pool_size'])
+    assert feats.shape[1] == model.num_features
+    assert pre.shape[1] == model.head_hidden_size
+    model.reset_classifier(0)
+    pooled = model(x)
+    assert model.num_classes == 0 and pooled.shape == pre.shape
+    model.reset_classifier(0, '')
+    unpooled = model(x)
+    assert unpooled.dim() == 4 and unpooled.shape[-2:] == tuple(cfg['pool_size'])
+    model.reset_classifier(7, 'avg')
+    assert model(x).shape == (1, 7)
+    headless = timm.create_model(name, num_classes=0, global_pool='').eval()
+    assert headless(x).shape[-2:] == tuple(cfg['pool_size'])
+    assert cfg['classifier'] + '.weight' in state_dict
+    assert cfg['first_conv'] + '.weight' in state_dict
+
+
+@pytest.mark.parametrize('name', FAST_MODELS)
+def test_model_features_only(name):
+    model = timm.create_model(name, features_only=True).eval()
+    channels, reductions = model.feature_info.channels(), model.feature_info.reduction()
+    assert len(channels) >= 3
+    input_size = _input_size(name, TARGET_FEAT)
+    outs = model(torch.randn(1, *input_size))
+    assert len(outs) == len(channels)
+    for c, r, o in zip(channels, reductions, outs):
+        assert o.shape[1] == c
+        assert o.shape[2] <= math.ceil(input_size[1] / r) + 1 and o.shape[3] <= math.ceil(input_size[2] / r) + 1
+        assert not torch.isnan(o).any()
+
+
+@pytest.mark.parametrize('name', FAST_MODELS)
+def test_model_torchscript(name):
+    with timm.set_scriptable(True):
+        model = timm.create_model(name).eval()
+    x = torch.randn(1, *_input_size(name, TARGET_JIT))
+    scripted = torch.jit.script(model)
+    torch.testing.assert_close(scripted(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', ['resnet101_nam', 'mobilenetv2_140_nam'])
+def test_large_models_forward_backward(name):
+    model = timm.create_model(name, num_classes=5)
+    out = model(torch.randn(2, *_input_size(name, TARGET_BWD)))
+    out.sum().backward()
+    assert out.shape == (2, 5)
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', ['resnet50_nam', 'mobilenetv2_100_nam'])
+def test_model_compiles_fullgraph(name):
+    model = timm.create_model(name).eval()
+    x = torch.randn(1, *_input_size(name, 64))
+    compiled = torch.compile(model, fullgraph=True, backend='aot_eager')
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_save_for_hf_roundtrip(tmp_path):
+    """Named architectures serialize: save_for_hf refuses class-valued kwargs."""
+    model = timm.create_model('resnet50_cifar_nam_sp').eval()
+    timm.models.save_for_hf(model, tmp_path)
+    loaded = timm.create_model(f'local-dir:{tmp_path}', pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_unknown_attention_kind_is_a_clear_error():
+    with pytest.raises(ValueError, match="Unknown block attention 'eca'"):
+        timm.create_model('resnet50_nam', block_attn='eca')
+
+
+@pytest.mark.parametrize('name', ['resnet50_cifar_nam_chsp', 'mobilenetv2_050_nam', 'resnet50_cifar_bam'])
+def test_fx_feature_extraction_matches_eager(name):
+    """torch.fx tracing (timm's feature_cls='fx') goes around NAM's input checks and matches eager."""
+    torch.manual_seed(0)
+    eager = timm.create_model(name, features_only=True).eval()
+    torch.manual_seed(0)
+    traced = timm.create_model(name, features_only=True, feature_cls='fx').eval()
+    x = torch.randn(1, *_input_size(name, 64))
+    for a, b in zip(eager(x), traced(x)):
+        torch.testing.assert_close(a, b)
