@@ -2,8 +2,10 @@
 
     timm-nam            same as ``timm-nam tables``
     timm-nam tables     print the paper's Tables 1-4 recomputed from the models (no data needed)
+    timm-nam train      train a model (ours or any timm model) with the NAM sparsity penalty
 """
 import argparse
+import ast
 import sys
 from typing import List, Optional
 
@@ -25,6 +27,93 @@ def _cmd_tables(args) -> int:
     return 0
 
 
+def _kv(text: str):
+    """k=v with a Python literal value (like timm train.py's --model-kwargs)."""
+    if '=' not in text:
+        raise argparse.ArgumentTypeError(f'expected key=value, got {text!r}')
+    key, value = text.split('=', 1)
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def _penalty(text: str):
+    if text == 'paper':
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--nam-penalty takes a number or 'paper', got {text!r}")
+
+
+def _cmd_train(args) -> int:
+    from .training import TrainConfig, get_recipe, train
+    from .training.recipes import RECIPE_FIELDS
+    overrides = {k: getattr(args, k) for k in RECIPE_FIELDS if getattr(args, k, None) is not None}
+    if 'decay_milestones' in overrides:
+        overrides['decay_milestones'] = tuple(overrides['decay_milestones'])
+    cfg = TrainConfig(
+        model=args.model, data_dir=args.data_dir, output=args.output, recipe=get_recipe(args.recipe, **overrides),
+        recipe_name=args.recipe, dataset=args.dataset, num_classes=args.num_classes,
+        model_kwargs=dict(args.model_kwargs or []), nam_penalty=args.nam_penalty, amp=args.amp,
+        amp_dtype=args.amp_dtype, channels_last=args.channels_last, compile=args.compile, model_ema=args.model_ema,
+        model_ema_decay=args.model_ema_decay, grad_accum_steps=args.grad_accum_steps, workers=args.workers,
+        resume=args.resume, device=args.device, limit_train_steps=args.limit_train_steps,
+        drop_path_rate=args.drop_path)
+    rows = train(cfg)
+    if rows:
+        best = max(rows, key=lambda r: r['val_top1'])
+        print(f'best val top1 {best["val_top1"]:.2f} (top5 {best["val_top5"]:.2f}) at epoch {best["epoch"] + 1}; '
+              f'final top1 {rows[-1]["val_top1"]:.2f}; outputs in {cfg.output}')
+    return 0
+
+
+def _add_train_parser(sub) -> None:
+    from .training.recipes import RECIPES
+    p = sub.add_parser('train', help='train a model with the NAM sparsity penalty',
+                       description='Train any timm-nam or timm model on an ImageFolder directory '
+                                   '(<root>/train|val/<class>/...) or torch/cifar100. Runs under torchrun (DDP).')
+    p.add_argument('--model', '-m', required=True, help='timm model name, e.g. mobilenetv2_nam or resnet50_cifar_nam')
+    p.add_argument('--data-dir', required=True, help='dataset root')
+    p.add_argument('--dataset', default='', help="'' for an ImageFolder root, or torch/cifar100 (torchvision layout)")
+    p.add_argument('--output', '-o', required=True, help='run directory (checkpoints, metrics)')
+    p.add_argument('--recipe', default='imagenet', choices=sorted(RECIPES),
+                   help='; '.join(f'{k}: {v.description}' for k, v in RECIPES.items()))
+    g = p.add_argument_group('recipe overrides')
+    g.add_argument('--epochs', type=int)
+    g.add_argument('--batch-size', '-b', type=int, help='global batch per optimizer step')
+    g.add_argument('--lr', type=float)
+    g.add_argument('--weight-decay', type=float)
+    g.add_argument('--opt')
+    g.add_argument('--momentum', type=float)
+    g.add_argument('--sched')
+    g.add_argument('--decay-milestones', type=int, nargs='+')
+    g.add_argument('--decay-rate', type=float)
+    g.add_argument('--warmup-epochs', type=int)
+    g.add_argument('--smoothing', type=float)
+    g.add_argument('--img-size', type=int)
+    g.add_argument('--aug', choices=['cifar', 'imagenet'])
+    g.add_argument('--seed', type=int)
+    p.add_argument('--num-classes', type=int, help='default: the number of classes in the data')
+    p.add_argument('--model-kwargs', nargs='*', type=_kv, metavar='K=V')
+    p.add_argument('--nam-penalty', type=_penalty, default='paper',
+                   help="p of the sparsity penalty: a number (0 = off) or 'paper' (1e-4 ResNet, 1e-3 MobileNet)")
+    p.add_argument('--drop-path', type=float)
+    p.add_argument('--amp', action='store_true', help='mixed precision (autocast; GradScaler for float16)')
+    p.add_argument('--amp-dtype', default='bfloat16', choices=['bfloat16', 'float16'])
+    p.add_argument('--channels-last', action='store_true')
+    p.add_argument('--compile', action='store_true', help='torch.compile the model')
+    p.add_argument('--model-ema', action='store_true')
+    p.add_argument('--model-ema-decay', type=float, default=0.9998)
+    p.add_argument('--grad-accum-steps', type=int, default=1)
+    p.add_argument('--workers', '-j', type=int, default=2)
+    p.add_argument('--resume', help='run directory (or its last.safetensors) to resume from')
+    p.add_argument('--device', default='auto', help="'auto', 'cpu' or 'cuda'")
+    p.add_argument('--limit-train-steps', type=int, help='at most this many optimizer steps per epoch (smoke runs)')
+    p.set_defaults(func=_cmd_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='timm-nam', description='NAM (Normalization-based Attention Module) for timm.')
@@ -32,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     tables = sub.add_parser('tables', help="print the paper's Tables 1-4 (params, FLOPs, overheads)")
     tables.add_argument('--output', '-o', help='also write the markdown to this file')
     tables.set_defaults(func=_cmd_tables)
+    _add_train_parser(sub)
     return parser
 
 
@@ -40,7 +130,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(['tables'] + list(argv if argv is not None else sys.argv[1:]))
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, TypeError) as e:  # bad input: say what is wrong, no traceback
+        print(f'timm-nam {args.command}: error: {e}', file=sys.stderr)
+        return 2
 
 
 if __name__ == '__main__':

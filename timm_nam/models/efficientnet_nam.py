@@ -22,14 +22,14 @@ from typing import Optional, Tuple, Union
 
 import torch.nn as nn
 from timm.layers import to_2tuple
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
 from timm.models._efficientnet_builder import decode_arch_def, resolve_act_layer, resolve_bn_args, round_channels
 from timm.models.efficientnet import EfficientNet
 
 from ._attn import create_block_attn, create_stage_attn
+from ._builder import build_nam_model
 from ._cfg import nam_cfg
-from .resnet_nam import sync_cfg_input_size
 
 __all__ = ['AttnEfficientNet']
 
@@ -81,10 +81,7 @@ class AttnEfficientNet(EfficientNet):
 
 def _create_attn_effnet(variant: str, pretrained: bool = False, **kwargs) -> AttnEfficientNet:
     # features_only goes through timm's generic FeatureListNet over the model's feature_info
-    model = build_model_with_cfg(
-        AttnEfficientNet, variant, pretrained, feature_cfg=dict(flatten_sequential=True), **kwargs)
-    sync_cfg_input_size(model, kwargs.get('img_size'))
-    return model
+    return build_nam_model(AttnEfficientNet, variant, pretrained, feature_cfg=dict(flatten_sequential=True), **kwargs)
 
 
 def _gen_mobilenetv2(variant: str, channel_multiplier: float, pretrained: bool = False, **kwargs):

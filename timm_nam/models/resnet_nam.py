@@ -17,10 +17,11 @@ from typing import Optional, Tuple, Union
 
 import torch.nn as nn
 from timm.layers import to_2tuple
-from timm.models import ResNet, build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import ResNet, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck
 
 from ._attn import create_block_attn, create_stage_attn, feat_size_at
+from ._builder import build_nam_model
 from ._cfg import cifar_cfg, nam_cfg
 
 __all__ = ['AttnResNet']
@@ -87,25 +88,7 @@ class AttnResNet(ResNet):
 
 
 def _create_attn_resnet(variant: str, pretrained: bool = False, **kwargs) -> AttnResNet:
-    model = build_model_with_cfg(AttnResNet, variant, pretrained, **kwargs)
-    sync_cfg_input_size(model, kwargs.get('img_size'))
-    return model
-
-
-def sync_cfg_input_size(model, img_size) -> None:
-    """A model built for another ``img_size`` gets a cfg that says so (data config reads it)."""
-    if img_size is None:
-        return
-    h, w = to_2tuple(img_size)
-    cfg = dict(model.pretrained_cfg)
-    if tuple(cfg['input_size'][-2:]) == (h, w):
-        return
-    old_h, old_w = cfg['input_size'][-2:]
-    cfg['input_size'] = (cfg['input_size'][0], h, w)
-    if cfg.get('pool_size'):
-        ph, pw = cfg['pool_size']
-        cfg['pool_size'] = (max(round(ph * h / old_h), 1), max(round(pw * w / old_w), 1))
-    model.pretrained_cfg = model.default_cfg = cfg
+    return build_nam_model(AttnResNet, variant, pretrained, **kwargs)
 
 
 def _rn_cfg(fixed: bool = False, **kwargs):

@@ -1,0 +1,239 @@
+"""The sparsity penalty is exact wherever training happens: the gradient of every NAM scale differs from the
+criterion-only gradient by exactly p·sign(γ), every other gradient by nothing."""
+import os
+import socket
+
+import pytest
+import timm
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+from timm.utils import ModelEmaV3, NativeScaler
+
+from timm_nam import NAMChannel, NAMSpatial
+from timm_nam.penalty import (NAMSparsityLoss, add_penalty_grad_, disable_penalty, enable_penalty, l1_penalty,
+                              nam_scales, paper_penalty)
+
+P = 1e-2
+
+
+class TinyNAMNet(nn.Module):
+    """Backbone BNs (not penalized), a channel and a pixel NAM (penalized)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.nam_ch = NAMChannel(8)
+        self.nam_sp = NAMSpatial(8, feat_size=6)
+        self.fc = nn.Linear(8, 5)
+        with torch.no_grad():  # mixed signs and a zero so sign() is exercised fully
+            self.nam_ch.bn.weight.copy_(torch.tensor([0.5, -0.3, 0.0, 1.2, -2.0, 0.7, 0.1, -0.01]))
+            self.nam_sp.bn.weight.uniform_(-1, 1)
+
+    def forward(self, x):
+        x = self.nam_sp(self.nam_ch(torch.relu(self.bn(self.conv(x)))))
+        return self.fc(x.mean((2, 3)))
+
+
+def _data(n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 6, 6, generator=g), torch.randint(0, 5, (n,), generator=g)
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def _assert_exact_penalty_grad(model, with_pen, without_pen, p=P, rtol=1e-6):
+    scales = {id(s) for s in nam_scales(model)}
+    for name, param in model.named_parameters():
+        diff = with_pen[name] - without_pen[name]
+        expected = p * torch.sign(param.detach()) if id(param) in scales else torch.zeros_like(diff)
+        tol = rtol * max(1.0, float(without_pen[name].abs().max()))
+        torch.testing.assert_close(diff, expected, atol=tol, rtol=0, msg=f'{name}')
+
+
+def _backward(model, loss_fn, x, y, autocast_dtype=None, scaler=None, accum=1, grads_of=None):
+    model.zero_grad(set_to_none=True)
+    for xs, ys in zip(x.chunk(accum), y.chunk(accum)):
+        with torch.autocast('cpu', dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss = loss_fn(model(xs), ys) / accum
+        (scaler.scale(loss) if scaler else loss).backward()
+    if scaler:
+        # unscale on a throwaway optimizer: grads become true gradients
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        scaler.unscale_(opt)
+    return _grads(grads_of or model)
+
+
+def test_nam_scales_are_exactly_the_nam_bn_weights():
+    model = TinyNAMNet()
+    assert [id(s) for s in nam_scales(model)] == [id(model.nam_ch.bn.weight), id(model.nam_sp.bn.weight)]
+    resnet = timm.create_model('resnet50_cifar_nam_chsp')
+    assert len(nam_scales(resnet)) == 32
+    assert len(nam_scales(timm.create_model('resnet50_cifar'))) == 0
+
+
+def test_penalty_value_and_paper_defaults():
+    model = TinyNAMNet()
+    expected = P * (model.nam_ch.bn.weight.abs().sum() + model.nam_sp.bn.weight.abs().sum())
+    torch.testing.assert_close(l1_penalty(nam_scales(model), P), expected)
+    loss = NAMSparsityLoss(nn.CrossEntropyLoss(), model, P)
+    x, y = _data()
+    torch.testing.assert_close(loss(model(x), y), nn.CrossEntropyLoss()(model(x), y) + expected)
+    assert NAMSparsityLoss(nn.CrossEntropyLoss(), timm.create_model('resnet50_cifar_nam')).p == 1e-4
+    assert NAMSparsityLoss(nn.CrossEntropyLoss(), timm.create_model('mobilenetv2_100_nam_ch')).p == 1e-3
+    assert paper_penalty(timm.create_model('resnet18_nam')) == 1e-4
+    with pytest.raises(ValueError, match='pass p explicitly'):
+        NAMSparsityLoss(nn.CrossEntropyLoss(), TinyNAMNet())
+    with pytest.raises(ValueError, match='has no NAM layers'):
+        NAMSparsityLoss(nn.CrossEntropyLoss(), timm.create_model('resnet50_cifar'), 1e-4)
+    with pytest.raises(ValueError, match='finite number >= 0'):
+        NAMSparsityLoss(nn.CrossEntropyLoss(), model, -1.0)
+
+
+def test_loss_term_and_step_hook_are_the_same_gradient():
+    x, y = _data()
+    model = TinyNAMNet()
+    g_loss = _backward(model, NAMSparsityLoss(nn.CrossEntropyLoss(), model, P), x, y)
+    g_plain = _backward(model, nn.CrossEntropyLoss(), x, y)
+    add_penalty_grad_(nam_scales(model), P)
+    torch.testing.assert_close(_grads(model), g_loss, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize('setting', ['fp32', 'bf16_autocast', 'fp16_gradscaler', 'grad_accum', 'fp16_accum'])
+def test_loss_wrapper_exact(setting):
+    x, y = _data(8)
+    kw = dict(
+        fp32={}, bf16_autocast=dict(autocast_dtype=torch.bfloat16),
+        fp16_gradscaler=dict(autocast_dtype=torch.float16),
+        grad_accum=dict(accum=4), fp16_accum=dict(autocast_dtype=torch.float16, accum=2))[setting]
+    model = TinyNAMNet()
+    results = []
+    for loss_fn in (NAMSparsityLoss(nn.CrossEntropyLoss(), model, P), nn.CrossEntropyLoss()):
+        scaler = torch.amp.GradScaler('cpu', init_scale=2. ** 16) if kw.get('autocast_dtype') == torch.float16 else None
+        torch.manual_seed(0)
+        results.append(_backward(model, loss_fn, x, y, scaler=scaler, **kw))
+    _assert_exact_penalty_grad(model, *results)
+
+
+def test_loss_wrapper_through_compile_and_with_ema():
+    x, y = _data()
+    model = TinyNAMNet()
+    ema = ModelEmaV3(model, decay=0.9)
+    compiled = torch.compile(model, backend='aot_eager')
+    loss_fn = NAMSparsityLoss(nn.CrossEntropyLoss(), compiled, P)
+    assert len(loss_fn._scales) == 2 and loss_fn._scales[0] is model.nam_ch.bn.weight
+    g_pen = _backward(compiled, loss_fn, x, y, grads_of=model)
+    g_plain = _backward(compiled, nn.CrossEntropyLoss(), x, y, grads_of=model)
+    _assert_exact_penalty_grad(model, g_pen, g_plain)
+    with pytest.raises(TypeError, match='not its EMA copy'):
+        NAMSparsityLoss(nn.CrossEntropyLoss(), ema, P)
+
+
+def _step_grads(model, x, y, *, amp_dtype=None, accum=1):
+    """Gradients as optimizer.step() sees them, in a timm-style loop (timm's NativeScaler, accumulation)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    seen = {}
+    opt.register_step_pre_hook(lambda o, a, k: seen.update(_grads(model)))
+    scaler = NativeScaler(device='cpu') if amp_dtype == torch.float16 else None
+    model.zero_grad(set_to_none=True)
+    crit = nn.CrossEntropyLoss()
+    for i, (xs, ys) in enumerate(zip(x.chunk(accum), y.chunk(accum))):
+        with torch.autocast('cpu', dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = crit(model(xs), ys) / accum
+        last = i == accum - 1
+        if scaler is not None:
+            scaler(loss, opt, parameters=model.parameters(), need_update=last)
+        else:
+            loss.backward()
+            if last:
+                opt.step()
+    return seen
+
+
+@pytest.mark.parametrize('amp_dtype,accum', [(None, 1), (torch.bfloat16, 1), (torch.float16, 1), (torch.float16, 4)])
+def test_step_hook_exact_in_a_timm_style_loop(amp_dtype, accum):
+    x, y = _data(8)
+    model = TinyNAMNet()
+    torch.manual_seed(0)
+    g_plain = _step_grads(model, x, y, amp_dtype=amp_dtype, accum=accum)
+    assert enable_penalty(model, P) == P
+    try:
+        torch.manual_seed(0)
+        g_pen = _step_grads(model, x, y, amp_dtype=amp_dtype, accum=accum)
+    finally:
+        disable_penalty(model)
+    _assert_exact_penalty_grad(model, g_pen, g_plain)
+
+
+def test_step_hook_skipped_on_inf_steps():
+    model = TinyNAMNet()
+    enable_penalty(model, P)
+    try:
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        scaler = torch.amp.GradScaler('cpu')
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        loss = model(_data()[0]).sum() * float('inf')
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        for n, p in model.named_parameters():
+            assert torch.equal(p, before[n]), n
+        assert not torch.isfinite(model.nam_ch.bn.weight.grad).all()
+    finally:
+        disable_penalty(model)
+
+
+def test_model_kwarg_enables_the_step_hook():
+    model = timm.create_model('resnet50_cifar_nam', nam_penalty='paper')
+    assert all(getattr(s, '_nam_penalty') == 1e-4 for s in nam_scales(model))
+    model = timm.create_model('mobilenetv2_100_nam_ch', nam_penalty=0.5)
+    assert all(getattr(s, '_nam_penalty') == 0.5 for s in nam_scales(model))
+    with pytest.raises(ValueError, match='finite number >= 0'):
+        timm.create_model('resnet50_cifar_nam', nam_penalty=float('nan'))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world_size, port, use_hook, queue):
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    dist.init_process_group('gloo', rank=rank, world_size=world_size)
+    torch.manual_seed(0)
+    x, y = _data(8)
+    xs, ys = x.chunk(world_size)[rank], y.chunk(world_size)[rank]
+    out = {}
+    for with_penalty in (False, True):
+        torch.manual_seed(0)
+        model = TinyNAMNet()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        seen = {}
+        opt.register_step_pre_hook(lambda o, a, k: seen.update(_grads(model)))
+        crit = nn.CrossEntropyLoss()
+        if with_penalty and use_hook:
+            enable_penalty(model, P)
+        loss_fn = NAMSparsityLoss(crit, ddp, P) if with_penalty and not use_hook else crit
+        loss_fn(ddp(xs), ys).backward()
+        opt.step()
+        out[with_penalty] = seen
+    if rank == 0:
+        queue.put({k: {n: t.numpy() for n, t in v.items()} for k, v in out.items()})
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize('use_hook', [False, True])
+def test_exact_under_ddp(use_hook):
+    ctx = mp.get_context('spawn')
+    queue = ctx.Queue()
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), use_hook, queue), nprocs=2, join=True,
+                       start_method='spawn')
+    out = queue.get(timeout=60)
+    g_plain = {n: torch.from_numpy(a) for n, a in out[False].items()}
+    g_pen = {n: torch.from_numpy(a) for n, a in out[True].items()}
+    _assert_exact_penalty_grad(TinyNAMNet(), g_pen, g_plain)

@@ -1,0 +1,166 @@
+""" NAM's sparsity penalty (paper Eq. 4): ``p·Σ|γ| + p·Σ|λ|`` over NAM's own BN scales.
+
+One definition, two ways to apply it, both exact in every training setup (fp32, bf16 autocast, fp16 with
+GradScaler, gradient accumulation, DDP):
+
+* `NAMSparsityLoss(criterion, model, p)`: adds the term to the loss, so it is scaled, unscaled,
+  inf-checked and divided by the accumulation steps together with everything else. For training loops
+  you write (and ``timm-nam train``).
+* `enable_penalty(model, p)` (or the model kwarg ``nam_penalty=p``): an optimizer step pre-hook adds the
+  term's gradient ``p·sign(γ)`` to every NAM scale just before ``optimizer.step()``. Step pre-hooks run
+  after GradScaler's unscale and are skipped on inf/NaN steps, and a step happens once per accumulation
+  cycle, after DDP's all-reduce. This is how timm's unmodified ``train.py`` gets the penalty:
+  ``--device-modules timm_nam --model-kwargs nam_penalty=1e-4``. (One difference from the loss term:
+  gradient clipping, which runs before the step, does not see the penalty gradient.)
+
+A tensor hook on γ would be wrong: under GradScaler it sees the scaled gradient, and it fires once per
+micro-batch. The authors' script never applied its penalty at all (it searched ``model._modules`` of a
+``DataParallel`` wrapper for ``layer1...``).
+"""
+import math
+from typing import Callable, Iterable, List, Optional, Union
+
+import torch
+import torch.nn as nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from .layers.nam import NAMChannel, NAMSpatial
+
+__all__ = [
+    'PAPER_PENALTY', 'nam_scales', 'paper_penalty', 'l1_penalty', 'add_penalty_grad_',
+    'NAMSparsityLoss', 'enable_penalty', 'disable_penalty',
+]
+
+# p of Eq. 4 used in the paper, by model family
+PAPER_PENALTY = {'resnet': 1e-4, 'mobilenet': 1e-3}
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The trained model inside DDP / DataParallel / torch.compile wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, '_orig_mod'):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _reject_ema(model: nn.Module) -> None:
+    if type(model).__name__.startswith('ModelEma'):
+        raise TypeError(
+            f'Got a {type(model).__name__}: the penalty belongs on the model being trained, not its EMA copy '
+            '(the EMA weights receive no gradients).')
+
+
+def nam_scales(model: nn.Module) -> List[nn.Parameter]:
+    """The scales γ (channel) and λ (pixel) of every NAM layer in ``model``, each once; nothing else."""
+    _reject_ema(model)
+    seen, scales = set(), []
+    for module in _unwrap(model).modules():
+        if isinstance(module, (NAMChannel, NAMSpatial)) and id(module.bn.weight) not in seen:
+            seen.add(id(module.bn.weight))
+            scales.append(module.bn.weight)
+    return scales
+
+
+def paper_penalty(model: nn.Module) -> float:
+    """The paper's p for ``model``'s family: 1e-4 for ResNets (CIFAR-100), 1e-3 for MobileNet-style nets."""
+    model = _unwrap(model)
+    name = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or type(model).__name__
+    name = name.lower()
+    if 'resnet' in name:
+        return PAPER_PENALTY['resnet']
+    if 'mobilenet' in name or 'efficientnet' in name:
+        return PAPER_PENALTY['mobilenet']
+    raise ValueError(f'No paper value of p for {name!r}; pass p explicitly.')
+
+
+def _check_p(p: float) -> float:
+    p = float(p)
+    if not math.isfinite(p) or p < 0:
+        raise ValueError(f'penalty p must be a finite number >= 0, got {p}')
+    return p
+
+
+def l1_penalty(scales: Iterable[torch.Tensor], p: float) -> torch.Tensor:
+    """``p · Σ|s|`` over all scales (a scalar tensor, differentiable)."""
+    scales = list(scales)
+    if not scales:
+        return torch.zeros(())
+    return p * torch.stack([s.abs().sum() for s in scales]).sum()
+
+
+@torch.no_grad()
+def add_penalty_grad_(scales: Iterable[torch.Tensor], p: float) -> None:
+    """Add ``∂(p·Σ|s|)/∂s = p·sign(s)`` to each scale's ``.grad`` (those with a gradient)."""
+    with_grad = [s for s in scales if s.grad is not None]
+    if with_grad and p:
+        torch._foreach_add_([s.grad for s in with_grad], torch._foreach_sign(with_grad), alpha=p)
+
+
+class NAMSparsityLoss(nn.Module):
+    """``criterion(output, target) + p·Σ|γ| + p·Σ|λ|`` over ``model``'s NAM layers only.
+
+    Args:
+        criterion: the task loss, called as ``criterion(output, target)``.
+        model: the model being trained (may be wrapped by DDP or torch.compile; not an EMA copy).
+        p: penalty weight; None takes the paper's value for the model family (1e-4 ResNet, 1e-3 MobileNetV2).
+    """
+
+    def __init__(self, criterion: Callable, model: nn.Module, p: Optional[float] = None):
+        super().__init__()
+        self.criterion = criterion
+        self.p = _check_p(paper_penalty(model) if p is None else p)
+        self._scales = nam_scales(model)  # parameters are shared with every wrapper of the model
+        if not self._scales:
+            raise ValueError(f'{type(_unwrap(model)).__name__} has no NAM layers to penalize')
+
+    def penalty(self) -> torch.Tensor:
+        return l1_penalty(self._scales, self.p)
+
+    def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        penalty = self.penalty()
+        self.last_penalty = penalty.detach()  # for logging, without recomputing it
+        return self.criterion(output, target) + penalty
+
+    def extra_repr(self) -> str:
+        return f'p={self.p}, num_scales={len(self._scales)}'
+
+
+# ---- optimizer step pre-hook: for training loops whose loss we cannot wrap (timm's train.py) ----
+
+_PENALTY_ATTR = '_nam_penalty'
+_hook_handle = None
+
+
+def _step_pre_hook(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    by_p = {}
+    for group in optimizer.param_groups:
+        for param in group['params']:
+            p = getattr(param, _PENALTY_ATTR, None)
+            if p:
+                by_p.setdefault(p, []).append(param)
+    for p, params in by_p.items():
+        add_penalty_grad_(params, p)
+
+
+def enable_penalty(model: nn.Module, p: Union[float, str, None] = None) -> float:
+    """Apply the penalty to ``model``'s NAM scales at every ``optimizer.step()`` of any optimizer that holds
+    them. ``p=None`` or ``'paper'`` takes the paper's value. Returns p."""
+    global _hook_handle
+    p = _check_p(paper_penalty(model) if p in (None, 'paper') else p)
+    scales = nam_scales(model)
+    if not scales:
+        raise ValueError(f'{type(_unwrap(model)).__name__} has no NAM layers to penalize')
+    for s in scales:
+        setattr(s, _PENALTY_ATTR, p)
+    if _hook_handle is None:
+        _hook_handle = register_optimizer_step_pre_hook(_step_pre_hook)
+    return p
+
+
+def disable_penalty(model: nn.Module) -> None:
+    for s in nam_scales(model):
+        if hasattr(s, _PENALTY_ATTR):
+            delattr(s, _PENALTY_ATTR)

@@ -1,0 +1,2 @@
+from .loop import TrainConfig, train
+from .recipes import RECIPES, Recipe, get_recipe

@@ -1,0 +1,110 @@
+""" Checkpoints of ``timm-nam train``.
+
+Weights go to safetensors (``last.safetensors``, ``best.safetensors``, ``last_ema.safetensors``) with the
+model name and kwargs in the file's metadata. Everything needed to resume exactly (optimizer, scheduler,
+grad scaler, epoch, RNG states) goes to ``last_state.pt``, which holds only tensors and plain containers and
+is read with ``torch.load(weights_only=True)``. Files are written to a temporary name and renamed, so a run
+killed mid-write leaves the previous checkpoint intact.
+"""
+import json
+import os
+import random
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+__all__ = ['save_weights', 'load_weights', 'read_metadata', 'save_train_state', 'load_train_state',
+           'rng_state', 'set_rng_state', 'CheckpointMismatchError']
+
+WEIGHTS_LAST, WEIGHTS_BEST, WEIGHTS_EMA, STATE_LAST = (
+    'last.safetensors', 'best.safetensors', 'last_ema.safetensors', 'last_state.pt')
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint does not belong to this model."""
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + '.tmp')
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_weights(model: nn.Module, path, model_name: str, model_kwargs: Optional[dict] = None, **extra) -> None:
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    meta = {'model': model_name, 'model_kwargs': json.dumps(model_kwargs or {}), 'format': 'pt'}
+    meta.update({k: json.dumps(v) for k, v in extra.items()})
+    _atomic(Path(path), lambda p: save_file(state, str(p), metadata=meta))
+
+
+def read_metadata(path) -> Dict[str, str]:
+    with safe_open(str(path), framework='pt') as f:
+        return dict(f.metadata() or {})
+
+
+def load_weights(model: nn.Module, path, model_name: Optional[str] = None) -> Dict[str, str]:
+    """Load safetensors weights into ``model``; a checkpoint of another architecture is a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'No checkpoint at {path}')
+    meta = read_metadata(path)
+    if model_name is not None and meta.get('model') not in (None, model_name):
+        raise CheckpointMismatchError(f'{path} holds a {meta["model"]!r} model, not {model_name!r}')
+    from safetensors.torch import load_file
+    state = load_file(str(path))
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong_shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong_shape:
+        def few(keys):
+            return ', '.join(keys[:5]) + (f' (+{len(keys) - 5} more)' if len(keys) > 5 else '')
+        problems = [f'{name}: {few(keys)}' for name, keys in
+                    (('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatch', wrong_shape)) if keys]
+        raise CheckpointMismatchError(f'{path} does not fit {type(model).__name__} ({"; ".join(problems)})')
+    model.load_state_dict(state)
+    return meta
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        'torch': torch.get_rng_state(),
+        'python': list(random.getstate()[1]),
+        'python_version': random.getstate()[0],
+        'python_gauss': random.getstate()[2],
+        'numpy': torch.from_numpy(np_state[1].astype(np.int64)),
+        'numpy_pos': int(np_state[2]),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state['torch'])
+    random.setstate((state['python_version'], tuple(state['python']), state['python_gauss']))
+    np.random.set_state(('MT19937', state['numpy'].numpy().astype(np.uint32), state['numpy_pos'], 0, 0.0))
+
+
+def save_train_state(path, **state) -> None:
+    _atomic(Path(path), lambda p: torch.save(state, p))
+
+
+def load_train_state(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'No training state at {path}')
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def resolve_resume(resume: str) -> Tuple[Path, Path]:
+    """A run directory or its last.safetensors -> (weights, state) paths."""
+    p = Path(resume)
+    run_dir = p if p.is_dir() else p.parent
+    weights, state = run_dir / WEIGHTS_LAST, run_dir / STATE_LAST
+    if not weights.is_file() or not state.is_file():
+        raise FileNotFoundError(f'Cannot resume from {resume}: need {WEIGHTS_LAST} and {STATE_LAST} in {run_dir}')
+    return weights, state

@@ -1,0 +1,149 @@
+""" Data for ``timm-nam train``: timm datasets and transforms, with every random choice made reproducible.
+
+Each sample's augmentation is seeded from (seed, epoch, index), and each epoch's sample order from
+(seed, epoch). So a run resumed from an epoch checkpoint sees exactly the data of an uninterrupted run,
+and N processes under DDP see exactly the chunks one process sees with N accumulation steps.
+"""
+import os
+import random
+from pathlib import Path
+from typing import Iterator, List, Tuple
+
+import numpy as np
+import torch
+from timm.data import create_dataset, create_transform, resolve_data_config
+from timm.models import get_pretrained_cfg
+from torch.utils.data import Dataset, Sampler
+from torchvision import transforms as T
+
+__all__ = ['build_datasets', 'SeededDataset', 'GlobalBatchSampler', 'check_data_dir']
+
+TORCH_DATASETS = ('torch/cifar100', 'torch/cifar10')
+
+
+def check_data_dir(data_dir: str, dataset: str) -> None:
+    """Clear errors for a missing directory or a layout the dataset cannot read."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f'Data directory {str(root)!r} does not exist')
+    if dataset in TORCH_DATASETS:
+        folder = {'torch/cifar100': 'cifar-100-python', 'torch/cifar10': 'cifar-10-batches-py'}[dataset]
+        if not (root / folder).is_dir():
+            raise FileNotFoundError(
+                f'{dataset} expects torchvision\'s layout: {root / folder} (extract the python-version tarball '
+                f'into {root}); no download is attempted')
+        return
+    if dataset:
+        raise ValueError(f'Unsupported dataset {dataset!r}: use an ImageFolder directory (no --dataset) or one of '
+                         f'{TORCH_DATASETS}')
+    for split in ('train', 'val'):
+        d = root / split
+        if not d.is_dir():
+            raise FileNotFoundError(
+                f'{root} is not an ImageFolder dataset: expected {d} with one sub-directory per class '
+                f'(<root>/train/<class>/*.jpg and <root>/val/<class>/*.jpg)')
+        if not any(p.is_dir() for p in d.iterdir()):
+            raise FileNotFoundError(f'{d} has no class sub-directories')
+
+
+def _transforms(aug: str, img_size: int, mean, std, crop_pct: float):
+    if aug == 'cifar':
+        normalize = [T.ToTensor(), T.Normalize(mean, std)]
+        train = T.Compose([T.RandomCrop(img_size, padding=4), T.RandomHorizontalFlip(), *normalize])
+        return train, T.Compose([T.Resize(img_size), T.CenterCrop(img_size), *normalize])
+    if aug != 'imagenet':
+        raise ValueError(f"Unknown augmentation {aug!r}; expected 'cifar' or 'imagenet'")
+    train = create_transform(img_size, is_training=True, mean=mean, std=std, hflip=0.5, color_jitter=None)
+    val = create_transform(img_size, is_training=False, mean=mean, std=std, crop_pct=crop_pct)
+    return train, val
+
+
+def build_datasets(data_dir: str, dataset: str, aug: str, img_size: int, model_name: str) -> Tuple[Dataset, Dataset, int]:
+    """(train, val, num_classes) with train/eval transforms from the recipe and the model's mean/std."""
+    check_data_dir(data_dir, dataset)
+    cfg = resolve_data_config({}, pretrained_cfg=get_pretrained_cfg(model_name).to_dict())
+    train_tf, val_tf = _transforms(aug, img_size, cfg['mean'], cfg['std'], cfg.get('crop_pct', 0.875))
+    kwargs = dict(download=False) if dataset else {}
+    train = create_dataset(dataset, root=data_dir, split='train', is_training=True, **kwargs)
+    val = create_dataset(dataset, root=data_dir, split='validation' if dataset else 'val', **kwargs)
+    train.transform, val.transform = train_tf, val_tf
+    num_classes = len(getattr(train, 'classes', None) or train.reader.class_to_idx)
+    if len(train) == 0 or len(val) == 0:
+        raise ValueError(f'{data_dir}: empty split (train {len(train)}, val {len(val)} images)')
+    return train, val, num_classes
+
+
+class SeededDataset(Dataset):
+    """Wraps a dataset so each sample's random transform is seeded from (seed, epoch, index)."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        s = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + index
+        random.seed(s)
+        np.random.seed(s % 2 ** 32)
+        torch.manual_seed(s)
+        return self.dataset[index]
+
+
+class GlobalBatchSampler(Sampler[List[int]]):
+    """Yields this process's micro-batches of each global batch, in order.
+
+    Each epoch is one permutation seeded from (seed, epoch); global batch ``b`` is split into
+    ``world_size * accum_steps`` equal chunks, and process ``rank`` takes chunks
+    ``rank * accum_steps ... rank * accum_steps + accum_steps - 1``. The last partial global batch is dropped.
+    """
+
+    def __init__(self, num_samples: int, global_batch: int, seed: int, rank: int = 0, world_size: int = 1,
+                 accum_steps: int = 1, shuffle: bool = True):
+        chunks = world_size * accum_steps
+        if global_batch % chunks:
+            raise ValueError(f'batch size {global_batch} does not split into {world_size} process(es) x '
+                             f'{accum_steps} accumulation step(s)')
+        if num_samples < global_batch:
+            raise ValueError(f'batch size {global_batch} is larger than the dataset ({num_samples} samples)')
+        self.num_samples, self.global_batch, self.seed = num_samples, global_batch, seed
+        self.rank, self.accum_steps, self.micro = rank, accum_steps, global_batch // chunks
+        self.shuffle = shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def steps(self) -> int:
+        return self.num_samples // self.global_batch
+
+    def __len__(self) -> int:
+        return self.steps * self.accum_steps
+
+    def __iter__(self) -> Iterator[List[int]]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.num_samples, generator=g).tolist()
+        else:
+            order = list(range(self.num_samples))
+        for step in range(self.steps):
+            batch = order[step * self.global_batch:(step + 1) * self.global_batch]
+            for k in range(self.accum_steps):
+                start = (self.rank * self.accum_steps + k) * self.micro
+                yield batch[start:start + self.micro]
+
+
+def shard_indices(num_samples: int, rank: int, world_size: int) -> List[int]:
+    """Contiguous evaluation shard of this process (every sample exactly once over all ranks)."""
+    per = (num_samples + world_size - 1) // world_size
+    return list(range(rank * per, min(num_samples, (rank + 1) * per)))
+
+
+def worker_count(requested: int) -> int:
+    return max(0, min(requested, os.cpu_count() or 1))
