@@ -3,6 +3,7 @@
     timm-nam            same as ``timm-nam tables``
     timm-nam tables     print the paper's Tables 1-4 recomputed from the models (no data needed)
     timm-nam train      train a model (ours or any timm model) with the NAM sparsity penalty
+    timm-nam sparsity   per-layer distribution of NAM's scales in a checkpoint, with a plot
 """
 import argparse
 import ast
@@ -114,6 +115,33 @@ def _add_train_parser(sub) -> None:
     p.set_defaults(func=_cmd_train)
 
 
+def _cmd_sparsity(args) -> int:
+    from pathlib import Path
+
+    from .sparsity import plot_stats, render_stats, scale_stats, write_stats
+    from .training.checkpoint import create_model_from_checkpoint
+    model, meta = create_model_from_checkpoint(args.checkpoint, args.model)
+    rows = scale_stats(model, args.thresholds)
+    print(f'{meta["model"]} from {args.checkpoint}: |scale| of every NAM layer\n')
+    print(render_stats(rows, args.thresholds))
+    out_dir = Path(args.output or Path(args.checkpoint).parent)
+    write_stats(rows, out_dir, args.thresholds)
+    plot = out_dir / 'sparsity.png'
+    plot_stats(rows, plot, title=f'{meta["model"]}: {Path(args.checkpoint).name}')
+    print(f'\nwrote {out_dir / "sparsity.csv"}, {out_dir / "sparsity.json"} and {plot}')
+    return 0
+
+
+def _add_sparsity_parser(sub) -> None:
+    p = sub.add_parser('sparsity', help="distribution of NAM's scales (γ, λ) in a checkpoint, with a plot")
+    p.add_argument('checkpoint', help='a .safetensors checkpoint written by timm-nam train')
+    p.add_argument('--model', help='model name, if the checkpoint does not record it')
+    p.add_argument('--thresholds', type=float, nargs='+', default=[1e-3, 1e-2, 1e-1],
+                   help='report the fraction of |scale| below each')
+    p.add_argument('--output', '-o', help="directory for sparsity.csv/.json/.png (default: the checkpoint's)")
+    p.set_defaults(func=_cmd_sparsity)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='timm-nam', description='NAM (Normalization-based Attention Module) for timm.')
@@ -122,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     tables.add_argument('--output', '-o', help='also write the markdown to this file')
     tables.set_defaults(func=_cmd_tables)
     _add_train_parser(sub)
+    _add_sparsity_parser(sub)
     return parser
 
 

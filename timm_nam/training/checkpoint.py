@@ -108,3 +108,32 @@ def resolve_resume(resume: str) -> Tuple[Path, Path]:
     if not weights.is_file() or not state.is_file():
         raise FileNotFoundError(f'Cannot resume from {resume}: need {WEIGHTS_LAST} and {STATE_LAST} in {run_dir}')
     return weights, state
+
+
+def create_model_from_checkpoint(path, model_name: Optional[str] = None) -> Tuple[nn.Module, Dict[str, str]]:
+    """Rebuild the model a ``timm-nam train`` checkpoint was saved from and load its weights.
+
+    The model name and kwargs come from the file's metadata (``model_name`` overrides the name); older
+    checkpoints without ``num_classes``/``img_size`` there get them from the classifier's shape and the
+    run's ``args.json``."""
+    import timm
+    from safetensors.torch import load_file
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'No checkpoint at {path}')
+    meta = read_metadata(path)
+    name = model_name or meta.get('model')
+    if not name:
+        raise ValueError(f'{path} does not say which model it holds; pass the model name')
+    kwargs = json.loads(meta.get('model_kwargs', '{}'))
+    if 'num_classes' not in kwargs:
+        classifier = timm.get_pretrained_cfg_value(name, 'classifier')
+        state = load_file(str(path))
+        if classifier and f'{classifier}.weight' in state:
+            kwargs['num_classes'] = state[f'{classifier}.weight'].shape[0]
+    args_file = path.parent / 'args.json'
+    if 'img_size' not in kwargs and timm.get_pretrained_cfg_value(name, 'fixed_input_size') and args_file.is_file():
+        kwargs['img_size'] = json.loads(args_file.read_text())['recipe']['img_size']
+    model = timm.create_model(name, **kwargs)
+    load_weights(model, path, name)
+    return model, dict(meta, model=name, model_kwargs=json.dumps(kwargs))

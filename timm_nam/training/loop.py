@@ -80,13 +80,14 @@ def _check_model_name(name: str) -> None:
         raise ValueError(f'Unknown model {name!r}' + (f'; similar: {", ".join(close)}' if close else ''))
 
 
-def _create_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
-    kwargs = dict(cfg.model_kwargs)
+def _model_kwargs(cfg: TrainConfig, num_classes: int) -> dict:
+    """The kwargs the model is built with; saved in every checkpoint so it can be rebuilt."""
+    kwargs = dict(cfg.model_kwargs, num_classes=num_classes)
     if timm.get_pretrained_cfg_value(cfg.model, 'fixed_input_size'):
         kwargs.setdefault('img_size', cfg.recipe.img_size)  # spatial NAM is built for the training size
     if cfg.drop_path_rate is not None:
         kwargs['drop_path_rate'] = cfg.drop_path_rate
-    return timm.create_model(cfg.model, num_classes=num_classes, **kwargs)
+    return kwargs
 
 
 def _resolve_penalty(model: nn.Module, requested) -> float:
@@ -167,7 +168,8 @@ def train(cfg: TrainConfig) -> List[dict]:
         cfg.data_dir, cfg.dataset, recipe.aug, recipe.img_size, cfg.model)
     num_classes = cfg.num_classes or found_classes
     torch.manual_seed(recipe.seed)
-    model = _create_model(cfg, num_classes)
+    model_kwargs = _model_kwargs(cfg, num_classes)
+    model = timm.create_model(cfg.model, **model_kwargs)
     if resume_paths:
         meta = read_metadata(resume_paths[0])
         if meta.get('model') != cfg.model:
@@ -291,7 +293,7 @@ def train(cfg: TrainConfig) -> List[dict]:
         }
         rows.append(row)
         if is_main:
-            meta = dict(model_kwargs=cfg.model_kwargs)
+            meta = dict(model_kwargs=model_kwargs)
             if val['top1'] > best_top1:
                 best_top1 = val['top1']
                 save_weights(model, out / WEIGHTS_BEST, cfg.model, **meta, epoch=epoch, val_top1=val['top1'])

@@ -1,0 +1,156 @@
+"""timm-nam train: exact resume after a real kill, DDP == accumulation, metrics, clear errors."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers import make_image_folder
+from timm_nam.training.data import GlobalBatchSampler
+
+# a small NAM model at 32 px: seconds per epoch on 2 CPU cores
+BASE = ['-m', 'resnet18_nam', '--recipe', 'cifar', '--img-size', '32', '-b', '8', '--lr', '0.05', '--workers', '0',
+        '--device', 'cpu', '--nam-penalty', '1e-3']
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp('data'), classes=3, per_class=8, size=32)
+
+
+def _cmd(*args):
+    return [sys.executable, '-m', 'timm_nam', 'train', *args]
+
+
+def _run(args, **kw):
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    return subprocess.run(args, capture_output=True, text=True, timeout=900, env=env, **kw)
+
+
+def _params(run_dir: Path, exclude_buffers=False):
+    state = load_file(str(run_dir / 'last.safetensors'))
+    if exclude_buffers:
+        state = {k: v for k, v in state.items() if not k.endswith(('running_mean', 'running_var', 'num_batches_tracked'))}
+    return state
+
+
+def test_train_writes_weights_state_and_metrics(data_dir, tmp_path):
+    out = tmp_path / 'run'
+    proc = _run(_cmd(*BASE, '--data-dir', str(data_dir), '-o', str(out), '--epochs', '2'))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ('last.safetensors', 'best.safetensors', 'last_state.pt', 'metrics.csv', 'metrics.json', 'args.json'):
+        assert (out / name).is_file(), name
+    rows = json.loads((out / 'metrics.json').read_text())
+    assert [r['epoch'] for r in rows] == [0, 1]
+    assert all(0 <= r['val_top1'] <= 100 and r['train_penalty'] > 0 and r['img_per_s'] > 0 for r in rows)
+    assert (out / 'metrics.csv').read_text().splitlines()[0].startswith('epoch,lr,train_loss,train_penalty')
+    args = json.loads((out / 'args.json').read_text())
+    assert args['penalty_p'] == 1e-3 and args['recipe']['decay_milestones'] == [60, 120, 160]
+    state = torch.load(out / 'last_state.pt', weights_only=True)
+    assert state['epoch'] == 1 and 'optimizer' in state and 'rng' in state
+    assert 'best val top1' in proc.stdout
+
+
+def test_killed_and_resumed_run_equals_uninterrupted(data_dir, tmp_path):
+    epochs = ['--epochs', '4']
+    ref = tmp_path / 'ref'
+    assert _run(_cmd(*BASE, '--data-dir', str(data_dir), '-o', str(ref), *epochs)).returncode == 0
+
+    killed = tmp_path / 'killed'
+    proc = subprocess.Popen(_cmd(*BASE, '--data-dir', str(data_dir), '-o', str(killed), *epochs),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    metrics = killed / 'metrics.json'
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(json.loads(metrics.read_text() or '[]')) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, 'run finished before it could be killed'
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(json.loads(metrics.read_text()))
+    assert 2 <= done < 4
+
+    resumed = _run(_cmd(*BASE, '--data-dir', str(data_dir), '-o', str(killed), *epochs, '--resume', str(killed)))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = _params(ref), _params(killed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [r['epoch'] for r in json.loads(metrics.read_text())] == [0, 1, 2, 3]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_equal_one_process_same_global_batch(data_dir, tmp_path):
+    """torchrun, 2 gloo processes x 4 images == 1 process x 2 accumulated micro-batches of 4 (global batch 8).
+
+    Parameters agree to 1e-5 (all-reduce vs. accumulation summation order); BN running statistics are
+    excluded: under DDP they follow rank 0's half of each batch, by design of DDP's buffer broadcast."""
+    common = [*BASE, '--data-dir', str(data_dir), '--epochs', '2']
+    ddp = _run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port',
+                str(_free_port()), '-m', 'timm_nam', 'train', *common, '-o', str(tmp_path / 'ddp')])
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    single = _run(_cmd(*common, '-o', str(tmp_path / 'single'), '--grad-accum-steps', '2'))
+    assert single.returncode == 0, single.stderr[-2000:]
+    a = _params(tmp_path / 'ddp', exclude_buffers=True)
+    b = _params(tmp_path / 'single', exclude_buffers=True)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert json.loads((tmp_path / 'ddp' / 'args.json').read_text())['world_size'] == 2
+
+
+def test_global_batch_sampler_chunks():
+    one = GlobalBatchSampler(20, 8, seed=3, accum_steps=2)
+    ranks = [GlobalBatchSampler(20, 8, seed=3, rank=r, world_size=2) for r in range(2)]
+    chunks_one = list(one)
+    chunks_ddp = [list(s) for s in ranks]
+    assert len(chunks_one) == 4 and all(len(c) == 4 for c in chunks_one)
+    assert chunks_one[0::2] == chunks_ddp[0] and chunks_one[1::2] == chunks_ddp[1]
+    one.set_epoch(1)
+    assert list(one) != chunks_one
+    with pytest.raises(ValueError, match='does not split into 3 process'):
+        GlobalBatchSampler(20, 8, seed=0, world_size=3)
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--data-dir', '/nonexistent/dir'], "Data directory '/nonexistent/dir' does not exist"),
+    (['--model', 'resnet50_nmm'], "Unknown model 'resnet50_nmm'"),
+    (['--dataset', 'torch/cifar100'], "torch/cifar100 expects torchvision's layout"),
+])
+def test_bad_input_is_a_clear_error(data_dir, tmp_path, args, message):
+    argv = [*BASE, '--data-dir', str(data_dir), '-o', str(tmp_path / 'x'), '--epochs', '1']
+    for flag, value in zip(args[0::2], args[1::2]):
+        if flag in argv:
+            argv[argv.index(flag) + 1] = value
+        else:
+            argv += [flag, value]
+    proc = _run(_cmd(*argv))
+    assert proc.returncode == 2
+    assert message in proc.stderr and 'Traceback' not in proc.stderr
+
+
+def test_wrong_layout_and_wrong_checkpoint_are_clear_errors(data_dir, tmp_path):
+    flat = tmp_path / 'flat'
+    (flat / 'class0').mkdir(parents=True)
+    proc = _run(_cmd(*BASE, '--data-dir', str(flat), '-o', str(tmp_path / 'y'), '--epochs', '1'))
+    assert proc.returncode == 2 and 'is not an ImageFolder dataset' in proc.stderr
+
+    run = tmp_path / 'r18'
+    assert _run(_cmd(*BASE, '--data-dir', str(data_dir), '-o', str(run), '--epochs', '1')).returncode == 0
+    other = [a if a != 'resnet18_nam' else 'resnet34_nam' for a in BASE]
+    proc = _run(_cmd(*other, '--data-dir', str(data_dir), '-o', str(run), '--epochs', '2', '--resume', str(run)))
+    assert proc.returncode == 2
+    assert "holds a 'resnet18_nam' model, not 'resnet34_nam'" in proc.stderr
