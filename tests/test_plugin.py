@@ -78,17 +78,3 @@ def test_broken_plugin_warns_instead_of_breaking_timm(monkeypatch):
     monkeypatch.setattr(metadata, 'entry_points', lambda group: [BrokenEntryPoint()])
     with pytest.warns(RuntimeWarning, match="timm plugin 'broken'"):
         assert autoload.load_plugins() == []
-
-
-@pytest.mark.skipif(not os.environ.get('TIMM_TRAIN_PY'), reason='set TIMM_TRAIN_PY to the path of timm\'s train.py')
-def test_train_py_device_modules(tmp_path):
-    """timm's train.py --device-modules timm_nam builds our model (one tiny epoch on synthetic data)."""
-    from tests.helpers import make_image_folder
-    root = make_image_folder(tmp_path / 'data', classes=2, per_class=4, size=32)
-    proc = subprocess.run(
-        [sys.executable, os.environ['TIMM_TRAIN_PY'], '--data-dir', str(root), '--model', 'resnet50_cifar_nam',
-         '--device-modules', 'timm_nam', '--num-classes', '2', '--img-size', '32', '--epochs', '1', '-b', '4',
-         '--workers', '0', '--output', str(tmp_path / 'out'), '--no-prefetcher', '--device', 'cpu'],
-        capture_output=True, text=True, timeout=600, env={**os.environ, autoload.ENV_DISABLE: '1'})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert 'resnet50_cifar_nam' in proc.stdout + proc.stderr
