@@ -4,6 +4,8 @@
     timm-nam tables     print the paper's Tables 1-4 recomputed from the models (no data needed)
     timm-nam train      train a model (ours or any timm model) with the NAM sparsity penalty
     timm-nam sparsity   per-layer distribution of NAM's scales in a checkpoint, with a plot
+    timm-nam export     a checkpoint in Hugging Face Hub form (safetensors, config.json, model card)
+    timm-nam publish    upload an export to the Hub (--dry-run: list what would be uploaded, offline)
 """
 import argparse
 import ast
@@ -142,6 +144,41 @@ def _add_sparsity_parser(sub) -> None:
     p.set_defaults(func=_cmd_sparsity)
 
 
+def _cmd_export(args) -> int:
+    from .hub import export_checkpoint
+    out = export_checkpoint(args.checkpoint, args.out_dir, tag=args.tag, dataset_name=args.dataset_name)
+    for f in sorted(out.iterdir()):
+        print(f'{f}  ({f.stat().st_size:,} bytes)')
+    return 0
+
+
+def _cmd_publish(args) -> int:
+    from .hub import default_repo_id, publish
+    repo_id = args.repo_id or default_repo_id(args.dir)
+    plan = publish(args.dir, repo_id, dry_run=args.dry_run, token=args.token, private=args.private)
+    verb = 'would upload' if args.dry_run else 'uploaded'
+    print(f'{verb} to https://huggingface.co/{repo_id}:')
+    for f in plan:
+        print(f"  {f['path']}  {f['bytes']:,} bytes  sha256 {f['sha256']}")
+    return 0
+
+
+def _add_hub_parsers(sub) -> None:
+    p = sub.add_parser('export', help='export a checkpoint in Hugging Face Hub form')
+    p.add_argument('checkpoint', help='best.safetensors or last.safetensors in a timm-nam train run directory')
+    p.add_argument('out_dir', help='directory to write model.safetensors, config.json and README.md to')
+    p.add_argument('--tag', required=True, help="pretrained tag, e.g. imagenette_r64 (the Hub repo is <model>.<tag>)")
+    p.add_argument('--dataset-name', help="dataset name for the card (default: the data directory's name)")
+    p.set_defaults(func=_cmd_export)
+    p = sub.add_parser('publish', help='upload an export directory to the Hugging Face Hub')
+    p.add_argument('dir', help='an export directory')
+    p.add_argument('repo_id', nargs='?', help="Hub repo id (default: the export's hf_hub_id)")
+    p.add_argument('--dry-run', action='store_true', help='list what would be uploaded; no network')
+    p.add_argument('--token', help='Hub token (default: huggingface_hub login or HF_TOKEN)')
+    p.add_argument('--private', action='store_true')
+    p.set_defaults(func=_cmd_publish)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='timm-nam', description='NAM (Normalization-based Attention Module) for timm.')
@@ -151,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     tables.set_defaults(func=_cmd_tables)
     _add_train_parser(sub)
     _add_sparsity_parser(sub)
+    _add_hub_parsers(sub)
     return parser
 
 

@@ -1,6 +1,7 @@
 """ What every timm-nam entrypoint does around timm's ``build_model_with_cfg``. """
 from timm.layers import to_2tuple
 from timm.models import build_model_with_cfg
+from timm.models._builder import resolve_pretrained_cfg
 
 __all__ = ['build_nam_model']
 
@@ -9,12 +10,24 @@ def build_nam_model(model_cls, variant: str, pretrained: bool, **kwargs):
     """``build_model_with_cfg`` plus two timm-nam model kwargs:
 
     * ``img_size``: passed to the model (spatial NAM is built for it); the model's cfg then states it.
+      Fixed-size models default to their pretrained cfg's input size, so a tag trained at 64 px builds at 64 px.
     * ``nam_penalty``: p of the paper's sparsity penalty (a float, or 'paper' for the family's value),
       applied at every ``optimizer.step()`` (see `timm_nam.penalty.enable_penalty`). This is how timm's
       train.py trains with the penalty: ``--model-kwargs nam_penalty=1e-4``.
     """
     nam_penalty = kwargs.pop('nam_penalty', None)
-    model = build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
+    cfg = resolve_pretrained_cfg(
+        variant, pretrained_cfg=kwargs.get('pretrained_cfg'), pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
+    if cfg.fixed_input_size and kwargs.get('img_size') is None:
+        kwargs['img_size'] = tuple(cfg.input_size[-2:])
+    try:
+        model = build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
+    except Exception as e:
+        if not pretrained:
+            raise
+        source = cfg.hf_hub_id or cfg.file or cfg.url or 'its pretrained cfg'
+        raise RuntimeError(f'Could not load pretrained weights for {variant} ({cfg.tag or "default"} tag) '
+                           f'from {source}: {e}') from e
     _sync_cfg_input_size(model, kwargs.get('img_size'))
     if nam_penalty is not None:
         from ..penalty import enable_penalty

@@ -1,7 +1,14 @@
 """ Pretrained-cfg fields shared by every timm-nam model. """
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-__all__ = ['nam_cfg', 'CIFAR100_MEAN', 'CIFAR100_STD']
+__all__ = ['nam_cfg', 'cifar_cfg', 'hub_id', 'HF_ORG', 'CIFAR100_MEAN', 'CIFAR100_STD']
+
+# The one place that names the Hugging Face Hub organisation and repos: '<org>/<model>.<tag>', as timm does.
+HF_ORG = 'timm-nam'
+
+
+def hub_id(model_name: str, tag: str) -> str:
+    return f'{HF_ORG}/{model_name}.{tag}'
 
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)

@@ -29,7 +29,7 @@ from timm.models.efficientnet import EfficientNet
 
 from ._attn import create_block_attn, create_stage_attn
 from ._builder import build_nam_model
-from ._cfg import nam_cfg
+from ._cfg import hub_id, nam_cfg
 
 __all__ = ['AttnEfficientNet']
 
@@ -138,6 +138,10 @@ def _cfg(fixed: bool = False, **kwargs):
 
 default_cfgs = generate_default_cfgs({
     'mobilenetv2_nam': _cfg(fixed=True),
+    # trained by timm-nam train and exported (hub_configs/); CPU-scale, see its model card
+    'mobilenetv2_nam.imagenette_r64': _cfg(
+        fixed=True, hf_hub_id=hub_id('mobilenetv2_nam', 'imagenette_r64'), num_classes=10, input_size=(3, 64, 64),
+        pool_size=(2, 2), notes=('Imagenette, 64 px, 10 epochs on CPU: a pipeline demonstration',)),
     'mobilenetv2_100_nam': _cfg(fixed=True),
     'mobilenetv2_100_nam_ch': _cfg(),
     'mobilenetv2_140_nam': _cfg(fixed=True),

@@ -232,7 +232,7 @@ def train(cfg: TrainConfig) -> List[dict]:
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / 'args.json').write_text(json.dumps(dict(cfg.to_dict(), num_classes=num_classes, penalty_p=penalty_p,
-                                                       world_size=world_size, torch=torch.__version__,
+                                                       world_size=world_size, device_used=str(device), torch=torch.__version__,
                                                        timm=timm.__version__), indent=1, default=str))
 
     accum = cfg.grad_accum_steps

@@ -1,0 +1,210 @@
+"""Hub form: export, model card, publish --dry-run, and pretrained=True through timm's real hub loader, offline."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.helpers import make_image_folder
+from timm_nam.hub import export_checkpoint, load_backbone_weights, publish, upload_plan
+from timm_nam.models._cfg import HF_ORG, hub_id
+
+TAG_MODEL, TAG = 'mobilenetv2_nam', 'imagenette_r64'
+REPO = hub_id(TAG_MODEL, TAG)
+REVISION = 'a' * 40
+
+
+@pytest.fixture(scope='module')
+def exported(tmp_path_factory):
+    """A small model really trained by timm-nam train (10 classes, 64 px), exported for the declared tag."""
+    root = tmp_path_factory.mktemp('hub')
+    data = make_image_folder(root / 'data', classes=10, per_class=2, size=64)
+    run = root / 'run'
+    proc = subprocess.run(
+        [sys.executable, '-m', 'timm_nam', 'train', '-m', TAG_MODEL, '--data-dir', str(data), '-o', str(run),
+         '--img-size', '64', '-b', '10', '--epochs', '1', '--workers', '0', '--device', 'cpu', '--lr', '0.01'],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = export_checkpoint(run / 'last.safetensors', root / 'export', tag=TAG, dataset_name='Imagenette')
+    return out
+
+
+def _hf_cache(tmp_path: Path, export: Path, weights: bytes = None, org_repo: str = REPO) -> Path:
+    """Lay ``export`` out as huggingface_hub's cache: models--ORG--NAME/refs/main + snapshots/<rev>/..."""
+    cache = tmp_path / 'hf_cache'
+    repo_dir = cache / ('models--' + org_repo.replace('/', '--'))
+    snap = repo_dir / 'snapshots' / REVISION
+    snap.mkdir(parents=True)
+    (repo_dir / 'refs').mkdir()
+    (repo_dir / 'refs' / 'main').write_text(REVISION)
+    (snap / 'config.json').write_bytes((export / 'config.json').read_bytes())
+    (snap / 'model.safetensors').write_bytes(weights if weights is not None else (export / 'model.safetensors').read_bytes())
+    return cache
+
+
+def _offline(code: str, cache: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'HF_HUB_CACHE': str(cache), 'HF_HOME': str(cache.parent / 'hf_home')}
+    return subprocess.run([sys.executable, '-c', textwrap.dedent(code)], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def _reference(export: Path, x: torch.Tensor) -> torch.Tensor:
+    model = timm.create_model(TAG_MODEL, img_size=64, num_classes=10).eval()
+    model.load_state_dict(load_file(str(export / 'model.safetensors')))
+    with torch.no_grad():
+        return model(x)
+
+
+def test_export_layout_and_card(exported):
+    assert sorted(p.name for p in exported.iterdir()) == [
+        'README.md', 'config.json', 'model.safetensors', 'training_args.json', 'training_metrics.json']
+    config = json.loads((exported / 'config.json').read_text())
+    assert config['architecture'] == TAG_MODEL and config['num_classes'] == 10
+    assert config['model_args']['img_size'] == [64, 64]
+    assert config['pretrained_cfg']['hf_hub_id'] == REPO and config['pretrained_cfg']['input_size'] == [3, 64, 64]
+    assert config['label_names'] == [f'class{i}' for i in range(10)]
+    card = (exported / 'README.md').read_text()
+    metrics = json.loads((exported / 'training_metrics.json').read_text())
+    front = card.split('---')[1]
+    for line in ('library_name: timm', 'license: apache-2.0', '- imagenette', '- accuracy', '- nam'):
+        assert line in front
+    assert f"value: {metrics[-1]['val_top1']:.2f}" in front
+    assert f"timm.create_model('{TAG_MODEL}.{TAG}', pretrained=True)" in card
+    assert 'seed 42' in card and 'epochs 1' in card and 'p = 0.001' in card
+
+
+def test_pretrained_true_offline_through_timm_hub_loader(exported, tmp_path):
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    torch.save(x, tmp_path / 'x.pt')
+    expected = _reference(exported, x)
+    cache = _hf_cache(tmp_path, exported)
+    proc = _offline(f"""
+        import json, torch, timm
+        x = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True)
+        outs = {{}}
+        for name in ('{TAG_MODEL}.{TAG}', 'hf-hub:{REPO}', 'local-dir:{exported}'):
+            m = timm.create_model(name, pretrained=True).eval()
+            with torch.no_grad():
+                outs[name] = m(x).tolist()
+        head = timm.create_model('{TAG_MODEL}.{TAG}', pretrained=True, num_classes=3).eval()
+        ref = timm.create_model('{TAG_MODEL}.{TAG}', pretrained=True).eval()
+        with torch.no_grad():
+            outs['head'] = [list(head(x).shape), (head.forward_features(x) - ref.forward_features(x)).abs().max().item()]
+        print(json.dumps(outs))
+    """, cache)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    outs = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name in (f'{TAG_MODEL}.{TAG}', f'hf-hub:{REPO}', f'local-dir:{exported}'):
+        torch.testing.assert_close(torch.tensor(outs[name]), expected, msg=name)
+    assert outs['head'] == [[2, 3], 0.0]
+
+
+@pytest.mark.parametrize('damage,message', [
+    ('truncate', 'Could not load pretrained weights for mobilenetv2_nam'),
+    ('rename', 'Could not load pretrained weights for mobilenetv2_nam'),
+    ('reshape', 'size mismatch'),
+])
+def test_corrupt_weights_give_clear_errors(exported, tmp_path, damage, message):
+    raw = (exported / 'model.safetensors').read_bytes()
+    if damage == 'truncate':
+        weights = raw[:len(raw) // 2]
+        detail = 'safetensors'
+    else:
+        state = load_file(str(exported / 'model.safetensors'))
+        if damage == 'rename':
+            state['blocks.0.0.conv_dw.weight_renamed'] = state.pop('blocks.0.0.conv_dw.weight')
+            detail = 'blocks.0.0.conv_dw.weight'
+        else:
+            state['classifier.weight'] = torch.zeros(11, 1280)
+            detail = 'classifier.weight'
+        save_file(state, str(tmp_path / 'w.safetensors'))
+        weights = (tmp_path / 'w.safetensors').read_bytes()
+    cache = _hf_cache(tmp_path, exported, weights=weights)
+    proc = _offline(f"import timm; timm.create_model('{TAG_MODEL}.{TAG}', pretrained=True)", cache)
+    assert proc.returncode != 0
+    assert message in proc.stderr and detail in proc.stderr.lower() if damage == 'truncate' else detail in proc.stderr
+
+
+def test_missing_weights_offline_is_a_clear_error(tmp_path):
+    proc = _offline(f"import timm; timm.create_model('{TAG_MODEL}.{TAG}', pretrained=True)", tmp_path / 'empty')
+    assert proc.returncode != 0
+    assert f'Could not load pretrained weights for {TAG_MODEL} ({TAG} tag) from {REPO}' in proc.stderr
+
+
+def test_declared_tags_are_complete():
+    ours = timm.list_models(module='efficientnet_nam') + timm.list_models(module='resnet_nam')
+    tags = [n for n in timm.list_pretrained('*') if '.' in n and n.split('.')[0] in ours]
+    assert f'{TAG_MODEL}.{TAG}' in tags
+    for name in tags:
+        cfg = timm.models.get_pretrained_cfg(name).to_dict()
+        assert cfg['hf_hub_id'].startswith(f'{HF_ORG}/') and cfg['hf_hub_id'] == hub_id(*name.split('.'))
+        for key in ('num_classes', 'classifier', 'first_conv', 'mean', 'std', 'input_size', 'crop_pct', 'license',
+                    'paper_ids', 'origin_url'):
+            assert cfg.get(key) is not None, (name, key)
+        model_name, tag = name.split('.')
+        card = Path(__file__).parents[1] / 'hub_configs' / name / 'README.md'
+        config = json.loads((card.parent / 'config.json').read_text())
+        assert card.is_file() and config['pretrained_cfg']['hf_hub_id'] == cfg['hf_hub_id']
+        assert config['num_classes'] == cfg['num_classes']
+        assert tuple(config['pretrained_cfg']['input_size']) == tuple(cfg['input_size'])
+
+
+def test_publish_dry_run_lists_exactly_the_files(exported, capsys):
+    plan = publish(exported, dry_run=True)
+    assert [f['path'] for f in plan] == sorted(p.name for p in exported.iterdir())
+    proc = subprocess.run([sys.executable, '-m', 'timm_nam', 'publish', str(exported), '--dry-run'],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, 'HF_HUB_OFFLINE': '1'})
+    assert proc.returncode == 0, proc.stderr
+    assert f'would upload to https://huggingface.co/{REPO}:' in proc.stdout
+    assert proc.stdout.count('sha256') == len(plan)
+
+
+def test_publish_refuses_pickles_and_incomplete_exports(exported, tmp_path):
+    bad = tmp_path / 'bad'
+    bad.mkdir()
+    for name in ('config.json', 'README.md', 'model.safetensors'):
+        (bad / name).write_bytes((exported / name).read_bytes())
+    (bad / 'pytorch_model.bin').write_bytes(b'x')
+    with pytest.raises(ValueError, match='contains pickle files'):
+        upload_plan(bad)
+    (bad / 'pytorch_model.bin').unlink()
+    (bad / 'README.md').unlink()
+    with pytest.raises(FileNotFoundError, match='missing README.md'):
+        upload_plan(bad)
+
+
+def test_export_needs_the_run_records(tmp_path):
+    model = timm.create_model('resnet18_nam', num_classes=3)
+    from timm_nam.training.checkpoint import save_weights
+    save_weights(model, tmp_path / 'last.safetensors', 'resnet18_nam', dict(num_classes=3))
+    with pytest.raises(FileNotFoundError, match='args.json is missing'):
+        export_checkpoint(tmp_path / 'last.safetensors', tmp_path / 'out', tag='x')
+
+
+def test_load_plain_timm_backbone_into_nam_model(tmp_path):
+    plain = timm.create_model('resnet18')
+    save_file(plain.state_dict(), str(tmp_path / 'resnet18.safetensors'))
+    model = timm.create_model('resnet18_nam')
+    report = load_backbone_weights(model, tmp_path / 'resnet18.safetensors')
+    own = model.state_dict()
+    for k, v in plain.state_dict().items():
+        assert torch.equal(own[k], v), k
+    assert len(report['nam_fresh']) == 8 * 5 and all('.se.' in k for k in report['nam_fresh'])
+    assert all(torch.equal(m.bn.weight, torch.ones_like(m.bn.weight)) for m in model.modules()
+               if hasattr(m, 'bn') and type(m).__name__ == 'NAMChannel')
+
+    mbv2 = timm.create_model('mobilenetv2_100')
+    torch.save(mbv2.state_dict(), tmp_path / 'mbv2.pth')
+    nam = timm.create_model('mobilenetv2_100_nam_ch', num_classes=10)
+    report = load_backbone_weights(nam, tmp_path / 'mbv2.pth')
+    assert sorted(report['classifier_skipped']) == ['classifier.bias', 'classifier.weight']
+    assert torch.equal(nam.conv_head.weight, mbv2.conv_head.weight)
+
+    with pytest.raises(ValueError, match='does not fit the backbone of AttnResNet'):
+        load_backbone_weights(timm.create_model('resnet18_nam'), timm.create_model('resnet34').state_dict())
