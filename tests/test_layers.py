@@ -1,4 +1,5 @@
 """NAM layers: the paper's formulas (float64, train and eval), options, edge cases and timm slots."""
+import copy
 from functools import partial
 
 import pytest
@@ -214,3 +215,30 @@ def test_baseline_layers_shapes_and_counts():
     tam = TripletAttention(256)
     assert tam(x).shape == x.shape
     assert sum(p.numel() for p in tam.parameters()) == 300
+
+
+@pytest.mark.parametrize('dtype,tol', [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
+@pytest.mark.parametrize('make', [lambda: NAMChannel(8), lambda: NAMSpatial(8, feat_size=5)])
+@pytest.mark.parametrize('training', [True, False])
+def test_low_precision_close_to_float64_formula(make, dtype, tol, training):
+    """Half-precision activations (as under AMP) with float32 parameters, against the float64 formula."""
+    layer = make()
+    _randomize_bn(layer.bn)
+    ref = copy.deepcopy(layer).double()
+    layer.train(training)
+    ref.train(training)
+    x = torch.randn(4, 8, 5, 5)
+    out = layer(x.to(dtype))
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), ref(x.double()), atol=tol, rtol=tol)
+
+
+def test_inference_path_reuses_buffers_and_matches_autograd_path():
+    layer = NAMChannel(8).eval()
+    _randomize_bn(layer.bn)
+    x = torch.randn(2, 8, 4, 4)
+    with torch.no_grad():
+        fast = layer(x)
+    slow = layer(x.clone().requires_grad_())
+    torch.testing.assert_close(fast, slow.detach())
+    assert slow.grad_fn is not None

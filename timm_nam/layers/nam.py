@@ -54,6 +54,17 @@ def nam_weights(scale: torch.Tensor, detach: bool = True) -> torch.Tensor:
     return a / torch.where(total > 0, total, torch.ones_like(total))
 
 
+@register_notrace_function
+def nam_gate(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """``sigmoid(logits) * x``, reusing the buffer of ``logits`` (a temporary nobody else holds): the sigmoid is
+    in place (its producer's backward does not need it), and without autograd so is the product. This saves
+    one or two full-size allocations per call; the arithmetic is unchanged."""
+    s = logits.sigmoid_()
+    if torch.is_grad_enabled() and (x.requires_grad or s.requires_grad):
+        return x * s  # autograd keeps s for the product's backward
+    return s.mul_(x)
+
+
 # Public names: torch.fx only auto-wraps (does not trace into) functions whose names lack a leading '_'.
 @register_notrace_function
 def check_nam_input(x: torch.Tensor, channels: int, name: str) -> None:
@@ -151,7 +162,7 @@ class NAMChannel(_NAMGate):
                 factor = self._count_batch()
             y = F.batch_norm(
                 x, bn.running_mean, bn.running_var, bn.weight * w, bn.bias * w, self.training, factor, bn.eps)
-        return x * torch.sigmoid(y)
+        return nam_gate(x, y)
 
     def extra_repr(self) -> str:
         return f'channels={self.channels}, grad_through_weights={self.grad_through_weights}'
@@ -216,7 +227,7 @@ class NAMSpatial(_NAMGate):
         b = w * bn.bias - mean * a
         a = a.to(x.dtype).view(1, 1, h, w_)
         b = b.to(x.dtype).view(1, 1, h, w_)
-        return x * torch.sigmoid(torch.addcmul(b, x, a))
+        return nam_gate(x, torch.addcmul(b, x, a))
 
     def extra_repr(self) -> str:
         return (f'channels={self.channels}, feat_size={self.feat_size}, '
