@@ -6,7 +6,7 @@ and the sparsity penalty's share of a training step. All variants are timed roun
 ratios. Writes a markdown table and a CSV (with machine, versions and date) to --out.
 
     python benchmarks/bench_attention.py                     # CPU: batch 8, 224 px, eager
-    python benchmarks/bench_attention.py --compile           # also torch.compile'd variants
+    python benchmarks/bench_attention.py --compile --families resnet50 --variants SE "NAM (ours)" --name bench_cpu_compile
     python benchmarks/bench_attention.py --device cuda --amp --channels-last --compile --batch-size 256
 """
 import argparse
@@ -164,6 +164,8 @@ class Runner:
 def run_family(family, args, device):
     runners = []
     for name, make in VARIANTS[family]:
+        if args.variants and name not in args.variants and name != 'base':
+            continue
         for compiled in ([False, True] if args.compile else [False]):
             args.compile_variant = compiled
             label = name + (' +compile' if compiled else '')
@@ -235,6 +237,7 @@ def main(argv=None):
     p.add_argument('--channels-last', action='store_true')
     p.add_argument('--compile', action='store_true', help='also time torch.compile variants')
     p.add_argument('--families', nargs='+', default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument('--variants', nargs='+', help='only these variants (and base), e.g. SE "NAM (ours)"')
     p.add_argument('--rounds', type=int, default=5)
     p.add_argument('--iters', type=int, default=3)
     p.add_argument('--warmup', type=int, default=2)

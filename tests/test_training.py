@@ -44,7 +44,7 @@ def _params(run_dir: Path, exclude_buffers=False):
 def test_train_writes_weights_state_and_metrics(data_dir, tmp_path):
     out = tmp_path / 'run'
     proc = _run(_cmd(*BASE, '--data-dir', str(data_dir), '-o', str(out), '--epochs', '2', '--amp', '--amp-dtype',
-                     'float16', '--channels-last', '--model-ema', '--model-ema-decay', '0.5'))
+                     'float16', '--channels-last', '--model-ema', '--model-ema-decay', '0.5', '--warmup-epochs', '1'))
     assert proc.returncode == 0, proc.stderr[-2000:]
     for name in ('last.safetensors', 'best.safetensors', 'last_ema.safetensors', 'last_state.pt', 'metrics.csv',
                  'metrics.json', 'args.json'):
@@ -53,6 +53,7 @@ def test_train_writes_weights_state_and_metrics(data_dir, tmp_path):
     assert [r['epoch'] for r in rows] == [0, 1]
     assert all(0 <= r['val_top1'] <= 100 and r['train_penalty'] > 0 and r['img_per_s'] > 0 for r in rows)
     assert all(r['ema_val_top1'] is not None for r in rows)
+    assert rows[0]['lr'] == pytest.approx(1e-5) and rows[1]['lr'] == pytest.approx(0.05)  # warmup, then the lr
     assert (out / 'metrics.csv').read_text().splitlines()[0].startswith('epoch,lr,train_loss,train_penalty')
     args = json.loads((out / 'args.json').read_text())
     assert args['penalty_p'] == 1e-3 and args['recipe']['decay_milestones'] == [60, 120, 160]

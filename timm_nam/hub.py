@@ -124,7 +124,7 @@ def render_model_card(model: nn.Module, name: str, tag: str, args: dict, metrics
         + (', fixed size (pixel attention)' if model.pretrained_cfg.get('fixed_input_size') else ''),
         f'- **Classes:** {model.num_classes}',
         f'- **Dataset:** {dataset_name} (train split for training, val split for the results below)',
-        f'- **Recipe:** `{args.get("recipe_name")}` — {recipe.get("description", "")}',
+        f'- **Recipe:** `{args.get("recipe_name")}` with these values (flags override the named recipe):',
         f'  - epochs {recipe["epochs"]}, global batch {recipe["batch_size"]}, opt {recipe["opt"]} (momentum '
         f'{recipe["momentum"]}), lr {recipe["lr"]}, weight decay {recipe["weight_decay"]}, schedule {recipe["sched"]}'
         f' (warmup {recipe["warmup_epochs"]} epochs), label smoothing {recipe["smoothing"]}, augmentation '

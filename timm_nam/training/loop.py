@@ -241,6 +241,7 @@ def train(cfg: TrainConfig) -> List[dict]:
         sampler.set_epoch(epoch)
         seeded_train.set_epoch(epoch)
         train_model.train()
+        epoch_lr = optimizer.param_groups[0]['lr']  # the lr this epoch trains with (set by the last scheduler step)
         loss_m, pen_m, top1_m = _Meter(), _Meter(), _Meter()
         start = time.perf_counter()
         num_images = 0
@@ -284,7 +285,7 @@ def train(cfg: TrainConfig) -> List[dict]:
         ema_val = evaluate(model_ema.module, val_loader, device, amp_ctx, cfg.channels_last) if model_ema else None
         train_stats = _all_reduce_sum([loss_m.total, pen_m.total, top1_m.total, loss_m.count], device)
         row = {
-            'epoch': epoch, 'lr': optimizer.param_groups[0]['lr'],
+            'epoch': epoch, 'lr': epoch_lr,
             'train_loss': train_stats[0] / train_stats[3], 'train_penalty': train_stats[1] / train_stats[3],
             'train_top1': train_stats[2] / train_stats[3],
             'val_loss': val['loss'], 'val_top1': val['top1'], 'val_top5': val['top5'],

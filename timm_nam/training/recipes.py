@@ -37,7 +37,7 @@ RECIPES = {
     'imagenet': Recipe(
         epochs=100, batch_size=256, lr=0.1, weight_decay=1e-4, opt='sgd', sched='cosine', warmup_epochs=5,
         smoothing=0.1, img_size=224, aug='imagenet', seed=42,
-        description='ImageNet-style: SGD momentum 0.9, wd 1e-4, cosine with 5 warmup epochs, label smoothing 0.1'),
+        description='ImageNet-style: SGD, cosine schedule with warmup, label smoothing'),
 }
 
 RECIPE_FIELDS = tuple(f.name for f in fields(Recipe) if f.name != 'description')
