@@ -89,7 +89,8 @@ class Runner:
         self.y = torch.randint(0, 1000, (args.batch_size,), device=device)
         self.device = device
         self.amp = args.amp
-        self.model_fwd = torch.compile(self.model) if args.compile_variant else self.model
+        self.compiled = args.compile_variant
+        self.model_fwd = torch.compile(self.model) if self.compiled else self.model
         self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-4, momentum=0.9)
         crit = nn.CrossEntropyLoss()
         self.has_nam = 'NAM' in name and 'authors' not in name
@@ -132,6 +133,8 @@ class Runner:
         """CUDA: peak allocated bytes of a training step. CPU: bytes of tensors autograd saves for backward
         in one training step (activation memory, which is what attention layers add)."""
         self.model.train()
+        if self.compiled and self.device.type != 'cuda':
+            return None  # a compiled graph saves its tensors internally: the hook below cannot see them
         if self.device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats(self.device)
             self.train_step(self.loss_pen)
@@ -221,9 +224,10 @@ def to_markdown(rows, info, args) -> str:
     ]
     for r in rows:
         pen = '—' if r['penalty_share_pct'] is None else f"{r['penalty_share_pct']:.2f}%"
+        mem = '—' if r['memory_MB'] is None else f"{r['memory_MB']:.0f}"
         lines.append(
             f"| {r['family']} | {r['variant']} | {r['params_M']:.2f}M | {r['flops_G']:.3f}G | {r['infer_img_s']:.1f} "
-            f"| {r['infer_ratio']:.3f}x | {r['train_img_s']:.1f} | {r['train_ratio']:.3f}x | {r['memory_MB']:.0f} "
+            f"| {r['infer_ratio']:.3f}x | {r['train_img_s']:.1f} | {r['train_ratio']:.3f}x | {mem} "
             f"| {pen} |")
     return '\n'.join(lines) + '\n'
 
@@ -243,7 +247,14 @@ def main(argv=None):
     p.add_argument('--warmup', type=int, default=2)
     p.add_argument('--out', default='results/benchmarks', help='output directory')
     p.add_argument('--name', help='file name stem (default: bench_<device>)')
+    p.add_argument('--render', metavar='JSON', help='only re-render the markdown of an earlier run\'s .json')
     args = p.parse_args(argv)
+    if args.render:
+        saved = json.loads(Path(args.render).read_text())
+        for k, v in saved['args'].items():
+            setattr(args, k, v)
+        Path(args.render).with_suffix('.md').write_text(to_markdown(saved['rows'], saved['machine'], args))
+        return
     device = torch.device(args.device)
     info = machine_info(device)
     rows = []
