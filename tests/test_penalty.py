@@ -237,3 +237,12 @@ def test_exact_under_ddp(use_hook):
     g_plain = {n: torch.from_numpy(a) for n, a in out[False].items()}
     g_pen = {n: torch.from_numpy(a) for n, a in out[True].items()}
     _assert_exact_penalty_grad(TinyNAMNet(), g_pen, g_plain)
+
+
+def test_public_names():
+    import timm_nam
+    import timm_nam.hub
+    assert timm_nam.NAMSparsityLoss is NAMSparsityLoss
+    assert timm_nam.load_backbone_weights is timm_nam.hub.load_backbone_weights
+    with pytest.raises(AttributeError):
+        timm_nam.no_such_name

@@ -1,5 +1,27 @@
-"""timm-nam: NAM (Normalization-based Attention Module) for timm."""
-from .layers import NAM, BAM, NAMChannel, NAMSpatial, TripletAttention, nam_weights
-from .models import *
+"""timm-nam: NAM (Normalization-based Attention Module) for timm.
+
+``import timm`` loads ``timm_nam.models`` (and so this package) through the ``timm.plugins`` entry point, so
+this module stays light: the penalty, training and Hub helpers are imported on first use.
+"""
+from .layers import BAM, NAM, NAMChannel, NAMSpatial, TripletAttention, nam_weights
+from .models import AttnEfficientNet, AttnResNet
 
 __version__ = '0.1.0'
+
+_LAZY = {
+    'NAMSparsityLoss': 'penalty', 'enable_penalty': 'penalty', 'disable_penalty': 'penalty',
+    'nam_scales': 'penalty', 'paper_penalty': 'penalty',
+    'load_backbone_weights': 'hub', 'export_checkpoint': 'hub', 'publish': 'hub',
+    'count_flops': 'flops',
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f'.{_LAZY[name]}', __name__), name)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
+__all__ = ['NAM', 'NAMChannel', 'NAMSpatial', 'BAM', 'TripletAttention', 'nam_weights', 'AttnResNet',
+           'AttnEfficientNet', *_LAZY]

@@ -27,7 +27,6 @@ BLOCK_ATTN_KINDS = {
 STAGE_ATTN_KINDS = {
     'bam': 'BAM, r=16, dilation 4',
 }
-SPATIAL_KINDS = frozenset({'nam_sp', 'nam'})
 
 
 def _check_kind(kind: str, kinds: dict, what: str) -> None:
