@@ -208,3 +208,14 @@ def test_load_plain_timm_backbone_into_nam_model(tmp_path):
 
     with pytest.raises(ValueError, match='does not fit the backbone of AttnResNet'):
         load_backbone_weights(timm.create_model('resnet18_nam'), timm.create_model('resnet34').state_dict())
+
+
+def test_untagged_names_keep_the_imagenet_default_and_refuse_missing_weights():
+    model = timm.create_model(TAG_MODEL)
+    assert model.num_classes == 1000 and model.pretrained_cfg['input_size'] == (3, 224, 224)
+    tagged = timm.create_model(f'{TAG_MODEL}.{TAG}')
+    assert tagged.num_classes == 10 and tagged.img_size == (64, 64)
+    with pytest.raises(ValueError, match=f'trained tags: {TAG_MODEL}.{TAG}'):
+        timm.create_model(TAG_MODEL, pretrained=True)
+    with pytest.raises(ValueError, match='resnet18_nam has no pretrained weights'):
+        timm.create_model('resnet18_nam', pretrained=True)

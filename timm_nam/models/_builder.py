@@ -18,6 +18,11 @@ def build_nam_model(model_cls, variant: str, pretrained: bool, **kwargs):
     nam_penalty = kwargs.pop('nam_penalty', None)
     cfg = resolve_pretrained_cfg(
         variant, pretrained_cfg=kwargs.get('pretrained_cfg'), pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
+    if pretrained and not cfg.has_weights:
+        from timm.models import list_pretrained
+        tags = [n for n in list_pretrained(f'{variant}.*') if '.' in n]
+        raise ValueError(f'{variant} has no pretrained weights for its default (ImageNet) configuration; '
+                         + (f'trained tags: {", ".join(tags)}' if tags else 'no trained tags exist yet'))
     if cfg.fixed_input_size and kwargs.get('img_size') is None:
         kwargs['img_size'] = tuple(cfg.input_size[-2:])
     try:
