@@ -120,9 +120,6 @@ def test_pretrained_cfg_complete(name):
     for key in ('num_classes', 'input_size', 'pool_size', 'mean', 'std', 'first_conv', 'classifier',
                 'license', 'paper_ids', 'origin_url', 'crop_pct', 'interpolation'):
         assert cfg.get(key) is not None, f'{name}: cfg lacks {key}'
-    assert 'fixed_input_size' in cfg
-    assert cfg['fixed_input_size'] == any(k in name for k in ('nam_sp', 'nam_chsp')) or (
-        name in ('mobilenetv2_nam', 'mobilenetv2_100_nam', 'mobilenetv2_140_nam', 'mobilenetv2_050_nam'))
     spatial = any(isinstance(m, NAMSpatial) for m in timm.create_model(name).modules())
     assert cfg['fixed_input_size'] == spatial
 
