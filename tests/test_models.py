@@ -29,7 +29,7 @@ def _input_size(name, target):
 
 def test_model_list():
     expected = {
-        'resnet18_nam', 'resnet34_nam', 'resnet50_nam', 'resnet101_nam', 'resnet50_nam_sp', 'resnet50_nam_chsp',
+        'resnet18_nam', 'resnet18_nam_sp', 'resnet18_se', 'resnet18_cbam', 'resnet34_nam', 'resnet50_nam', 'resnet101_nam', 'resnet50_nam_sp', 'resnet50_nam_chsp',
         'mobilenetv2_nam', 'mobilenetv2_100_nam', 'mobilenetv2_100_nam_ch', 'mobilenetv2_140_nam',
         'mobilenetv2_050_nam', 'efficientnet_b0_nam', 'resnet50_cifar', 'resnet50_cifar_se', 'resnet50_cifar_cbam',
         'resnet50_cifar_bam', 'resnet50_cifar_tam', 'resnet50_cifar_nam', 'resnet50_cifar_nam_sp',

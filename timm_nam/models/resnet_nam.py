@@ -4,7 +4,8 @@ NAM sits where timm puts block attention: after the last conv+BN of the residual
 drop-path and the residual add (Bottleneck: after bn3; BasicBlock: after bn2), in every block.
 
 * ImageNet layout: ``resnet{18,34,50,101}_nam`` (channel NAM, the paper's best ResNet setting),
-  ``resnet50_nam_sp`` (spatial only) and ``resnet50_nam_chsp`` (channel then spatial).
+  ``resnet18_nam_sp``/``resnet50_nam_sp`` (spatial only) and ``resnet50_nam_chsp`` (channel then spatial);
+  ``resnet18_se``/``resnet18_cbam``: baselines with the paper's SE/CBAM settings.
 * CIFAR layout for the paper's Table 1 (3x3 stride-1 stem, no max-pool, 32x32, 100 classes):
   ``resnet50_cifar`` and its ``_se``, ``_cbam``, ``_bam``, ``_tam``, ``_nam``, ``_nam_sp``,
   ``_nam_chsp`` variants.
@@ -102,6 +103,9 @@ def _rn_cifar_cfg(fixed: bool = False, **kwargs):
 # Trained tags come before the '.*' key that keeps the untagged ImageNet cfg the default (see efficientnet_nam.py).
 default_cfgs = generate_default_cfgs({
     'resnet18_nam': _rn_cfg(),
+    'resnet18_nam_sp': _rn_cfg(fixed=True),
+    'resnet18_se': _rn_cfg(),
+    'resnet18_cbam': _rn_cfg(),
     'resnet34_nam': _rn_cfg(),
     # trained by timm-nam train and exported (hub_configs/); CPU-scale, see its model card
     'resnet50_nam.imagenette_r64': _rn_cfg(
@@ -137,6 +141,24 @@ def _create(variant: str, pretrained: bool, arch: dict, **kwargs) -> AttnResNet:
 def resnet18_nam(pretrained: bool = False, **kwargs) -> AttnResNet:
     """ResNet-18 with channel NAM after bn2 of every BasicBlock."""
     return _create('resnet18_nam', pretrained, dict(_R18, block_attn='nam_ch'), **kwargs)
+
+
+@register_model
+def resnet18_nam_sp(pretrained: bool = False, **kwargs) -> AttnResNet:
+    """ResNet-18 with spatial (pixel) NAM after bn2 of every BasicBlock; built for one input size."""
+    return _create('resnet18_nam_sp', pretrained, dict(_R18, block_attn='nam_sp'), **kwargs)
+
+
+@register_model
+def resnet18_se(pretrained: bool = False, **kwargs) -> AttnResNet:
+    """ResNet-18 + SE (r=16, bias-free) in every block: the NAM comparison's baseline, as in Table 1."""
+    return _create('resnet18_se', pretrained, dict(_R18, block_attn='se'), **kwargs)
+
+
+@register_model
+def resnet18_cbam(pretrained: bool = False, **kwargs) -> AttnResNet:
+    """ResNet-18 + CBAM (r=16, k=7) in every block: the NAM comparison's baseline, as in Table 1."""
+    return _create('resnet18_cbam', pretrained, dict(_R18, block_attn='cbam'), **kwargs)
 
 
 @register_model

@@ -1,0 +1,107 @@
+"""The Imagenette comparison of NAM against its baselines, run through ``timm-nam train``; resumable.
+
+Every (model, seed) run appends one row to ``results/imagenette_study/runs.csv``; rows already there are skipped,
+so the study can span sessions. ``scripts/summarize_study.py`` turns the rows into mean ± std tables and a plot.
+
+    python scripts/imagenette_study.py --data-dir ../shared/data/imagenette2-224            # everything missing
+    python scripts/imagenette_study.py --data-dir ... --family mobilenetv2 --max-runs 2     # a slice
+
+One recipe per family (CPU scale: 64 px, 10 epochs, batch 64, SGD cosine with 1 warmup epoch, label smoothing 0.1);
+NAM models get the paper's penalty (1e-3 MobileNetV2, 1e-4 ResNet), baselines none.
+"""
+import argparse
+import csv
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import timm
+
+from timm_nam.flops import count_flops
+
+FAMILIES = {
+    'mobilenetv2': dict(
+        models=['mobilenetv2_100', 'mobilenetv2_100_se', 'mobilenetv2_100_bam', 'mobilenetv2_100_cbam',
+                'mobilenetv2_100_nam_ch', 'mobilenetv2_100_nam'],
+        args=['--lr', '0.03', '--weight-decay', '4e-5']),
+    'resnet18': dict(
+        models=['resnet18', 'resnet18_se', 'resnet18_cbam', 'resnet18_nam', 'resnet18_nam_sp'],
+        args=['--lr', '0.05', '--weight-decay', '1e-4']),
+}
+COMMON = ['--recipe', 'imagenet', '--img-size', '64', '-b', '64', '--epochs', '10', '--warmup-epochs', '1']
+SEEDS = (0, 1, 2)
+FIELDS = ['family', 'model', 'seed', 'recipe', 'top1', 'top5', 'best_top1', 'params', 'flops_g', 'train_img_s',
+          'train_minutes', 'penalty_p', 'device', 'date']
+
+
+def recipe_string(family: str) -> str:
+    return ' '.join(COMMON + FAMILIES[family]['args'])
+
+
+def done_runs(csv_path: Path) -> set:
+    if not csv_path.is_file():
+        return set()
+    with open(csv_path) as f:
+        return {(r['model'], int(r['seed']), r['recipe']) for r in csv.DictReader(f)}
+
+
+def append_row(csv_path: Path, row: dict) -> None:
+    new = not csv_path.is_file()
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(csv_path, 'a', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def run_one(family: str, model: str, seed: int, data_dir: str, runs_dir: Path, workers: int) -> dict:
+    out = runs_dir / f'{model}_s{seed}'
+    cmd = [sys.executable, '-m', 'timm_nam', 'train', '-m', model, '--data-dir', data_dir, '-o', str(out),
+           '--seed', str(seed), '--workers', str(workers), *COMMON, *FAMILIES[family]['args']]
+    if (out / 'last_state.pt').is_file():
+        cmd += ['--resume', str(out)]
+    subprocess.run(cmd, check=True)
+    metrics = json.loads((out / 'metrics.json').read_text())
+    args = json.loads((out / 'args.json').read_text())
+    kwargs = {'img_size': 64} if timm.get_pretrained_cfg_value(model, 'fixed_input_size') else {}
+    net = timm.create_model(model, num_classes=args['num_classes'], **kwargs)
+    final = metrics[-1]
+    return {
+        'family': family, 'model': model, 'seed': seed, 'recipe': recipe_string(family),
+        'top1': round(final['val_top1'], 3), 'top5': round(final['val_top5'], 3),
+        'best_top1': round(max(r['val_top1'] for r in metrics), 3),
+        'params': sum(p.numel() for p in net.parameters()),
+        'flops_g': round(count_flops(net, (3, 64, 64)).paper_flops / 1e9, 4),
+        'train_img_s': round(sum(r['img_per_s'] for r in metrics) / len(metrics), 1),
+        'train_minutes': round(sum(r['epoch_time_s'] for r in metrics) / 60, 2),
+        'penalty_p': args['penalty_p'], 'device': args.get('device_used', ''),
+        'date': time.strftime('%Y-%m-%d'),
+    }
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--data-dir', required=True, help='Imagenette ImageFolder root (imagenette2-224)')
+    p.add_argument('--runs-dir', default='runs/imagenette_study', help='where run directories go (not committed)')
+    p.add_argument('--csv', default='results/imagenette_study/runs.csv')
+    p.add_argument('--family', choices=list(FAMILIES), nargs='+', default=list(FAMILIES))
+    p.add_argument('--seeds', type=int, nargs='+', default=list(SEEDS))
+    p.add_argument('--max-runs', type=int, help='stop after this many new runs')
+    p.add_argument('--workers', type=int, default=2)
+    args = p.parse_args()
+    csv_path, runs_dir = Path(args.csv), Path(args.runs_dir)
+    done = done_runs(csv_path)
+    todo = [(fam, m, s) for s in args.seeds for fam in args.family for m in FAMILIES[fam]['models']
+            if (m, s, recipe_string(fam)) not in done]
+    print(f'{len(todo)} runs to do' + (f', doing {args.max_runs}' if args.max_runs else ''), flush=True)
+    for fam, model, seed in todo[:args.max_runs]:
+        row = run_one(fam, model, seed, args.data_dir, runs_dir, args.workers)
+        append_row(csv_path, row)
+        print(f"{model} seed {seed}: top-1 {row['top1']:.2f} top-5 {row['top5']:.2f}", flush=True)
+
+
+if __name__ == '__main__':
+    main()
