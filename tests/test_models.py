@@ -5,10 +5,9 @@ import math
 import pytest
 import timm
 import torch
-import torch.nn as nn
 from timm.models import get_pretrained_cfg_value
 
-import timm_nam
+import timm_nam  # noqa: F401  registers the models also when TIMM_DISABLE_PLUGINS is set
 from timm_nam import NAM, NAMChannel, NAMSpatial
 
 ALL_MODELS = sorted(

@@ -2,7 +2,6 @@
 import subprocess
 import sys
 
-import torch
 import torch.nn as nn
 
 from timm_nam.flops import count_flops

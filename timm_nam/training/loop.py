@@ -10,7 +10,6 @@ scheduler, scaler and RNG states).
 import contextlib
 import csv
 import json
-import math
 import os
 import time
 from dataclasses import asdict
