@@ -89,13 +89,18 @@ def main():
     p.add_argument('--csv', default='results/imagenette_study/runs.csv')
     p.add_argument('--family', choices=list(FAMILIES), nargs='+', default=list(FAMILIES))
     p.add_argument('--seeds', type=int, nargs='+', default=list(SEEDS))
+    p.add_argument('--models', nargs='+', help='only these models (default: every model of the chosen families)')
     p.add_argument('--max-runs', type=int, help='stop after this many new runs')
     p.add_argument('--workers', type=int, default=2)
     args = p.parse_args()
     csv_path, runs_dir = Path(args.csv), Path(args.runs_dir)
+    known = [m for fam in args.family for m in FAMILIES[fam]['models']]
+    unknown = sorted(set(args.models or ()) - set(known))
+    if unknown:
+        p.error(f'--models {unknown} not in families {args.family}; choose from {known}')
     done = done_runs(csv_path)
     todo = [(fam, m, s) for s in args.seeds for fam in args.family for m in FAMILIES[fam]['models']
-            if (m, s, recipe_string(fam)) not in done]
+            if (m, s, recipe_string(fam)) not in done and (not args.models or m in args.models)]
     print(f'{len(todo)} runs to do' + (f', doing {args.max_runs}' if args.max_runs else ''), flush=True)
     for fam, model, seed in todo[:args.max_runs]:
         row = run_one(fam, model, seed, args.data_dir, runs_dir, args.workers)
