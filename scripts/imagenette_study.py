@@ -19,6 +19,7 @@ from pathlib import Path
 
 import timm
 
+import timm_nam
 from timm_nam.flops import count_flops
 
 FAMILIES = {
@@ -33,7 +34,7 @@ FAMILIES = {
 COMMON = ['--recipe', 'imagenet', '--img-size', '64', '-b', '64', '--epochs', '10', '--warmup-epochs', '1']
 SEEDS = (0, 1, 2)
 FIELDS = ['family', 'model', 'seed', 'recipe', 'top1', 'top5', 'best_top1', 'params', 'flops_g', 'train_img_s',
-          'train_minutes', 'penalty_p', 'device', 'date']
+          'train_minutes', 'penalty_p', 'device', 'date', 'timm_nam']
 
 
 def recipe_string(family: str) -> str:
@@ -78,7 +79,7 @@ def run_one(family: str, model: str, seed: int, data_dir: str, runs_dir: Path, w
         'train_img_s': round(sum(r['img_per_s'] for r in metrics) / len(metrics), 1),
         'train_minutes': round(sum(r['epoch_time_s'] for r in metrics) / 60, 2),
         'penalty_p': args['penalty_p'], 'device': args.get('device_used', ''),
-        'date': time.strftime('%Y-%m-%d'),
+        'date': time.strftime('%Y-%m-%d'), 'timm_nam': timm_nam.__version__,
     }
 
 

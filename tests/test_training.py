@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.helpers import make_image_folder
-from timm_nam.training.data import GlobalBatchSampler
+from timm_nam.training.data import GlobalBatchSampler, SeededDataset, train_loader
 
 # a small NAM model at 32 px: seconds per epoch on 2 CPU cores
 BASE = ['-m', 'resnet18_nam', '--recipe', 'cifar', '--img-size', '32', '-b', '8', '--lr', '0.05', '--workers', '0',
@@ -127,6 +127,37 @@ def test_global_batch_sampler_chunks():
     assert list(one) != chunks_one
     with pytest.raises(ValueError, match='does not split into 3 process'):
         GlobalBatchSampler(20, 8, seed=0, world_size=3)
+
+
+class _RandomDraws(torch.utils.data.Dataset):
+    """Stands in for a random augmentation: each item is (index, one draw from torch's RNG)."""
+
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, index):
+        return index, torch.rand(())
+
+
+def _draws_per_epoch(workers, epochs=3):
+    dataset = SeededDataset(_RandomDraws(), seed=5)
+    sampler = GlobalBatchSampler(len(dataset), 4, seed=5)
+    loader = train_loader(dataset, sampler, workers)
+    per_epoch = []
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        draws = {int(i): float(d) for idx, draw in loader for i, d in zip(idx, draw)}
+        per_epoch.append([draws[i] for i in range(len(dataset))])
+    return per_epoch
+
+
+def test_augmentation_changes_every_epoch_with_worker_processes():
+    # Regression: persistent workers kept epoch 0's dataset copy, so each image got the same crop every epoch.
+    in_process, two_workers = _draws_per_epoch(0), _draws_per_epoch(2)
+    assert two_workers == in_process  # the worker count does not change the data
+    assert all(a != b for a, b in zip(two_workers[0], two_workers[1]))
+    assert all(a != b for a, b in zip(two_workers[1], two_workers[2]))
 
 
 @pytest.mark.parametrize('args,message', [

@@ -6,7 +6,7 @@ this module stays light: the penalty, training and Hub helpers are imported on f
 from .layers import BAM, NAM, NAMChannel, NAMSpatial, TripletAttention, nam_weights
 from .models import AttnEfficientNet, AttnResNet
 
-__version__ = '0.1.0'
+__version__ = '0.1.1'
 
 _LAZY = {
     'NAMSparsityLoss': 'penalty', 'enable_penalty': 'penalty', 'disable_penalty': 'penalty',

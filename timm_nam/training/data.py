@@ -13,10 +13,10 @@ import numpy as np
 import torch
 from timm.data import create_dataset, create_transform, resolve_data_config
 from timm.models import get_pretrained_cfg
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
-__all__ = ['build_datasets', 'SeededDataset', 'GlobalBatchSampler', 'check_data_dir']
+__all__ = ['build_datasets', 'SeededDataset', 'GlobalBatchSampler', 'train_loader', 'check_data_dir']
 
 TORCH_DATASETS = ('torch/cifar100', 'torch/cifar10')
 
@@ -93,6 +93,15 @@ class SeededDataset(Dataset):
         np.random.seed(s % 2 ** 32)
         torch.manual_seed(s)
         return self.dataset[index]
+
+
+def train_loader(dataset: 'SeededDataset', sampler: 'GlobalBatchSampler', workers: int,
+                 pin_memory: bool = False) -> DataLoader:
+    """The training DataLoader. Its workers are not persistent on purpose: a persistent worker keeps the copy of
+    the dataset it was started with, so ``SeededDataset.set_epoch`` would never reach it and every epoch would
+    replay epoch 0's augmentation of each image. Workers started per epoch copy the current epoch."""
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, persistent_workers=False,
+                      pin_memory=pin_memory)
 
 
 class GlobalBatchSampler(Sampler[List[int]]):

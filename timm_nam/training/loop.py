@@ -30,7 +30,7 @@ from ..penalty import NAMSparsityLoss, nam_scales, paper_penalty
 from .checkpoint import (
     STATE_LAST, WEIGHTS_BEST, WEIGHTS_EMA, WEIGHTS_LAST, CheckpointMismatchError, load_train_state, load_weights,
     read_metadata, resolve_resume, rng_state, save_train_state, save_weights, set_rng_state)
-from .data import GlobalBatchSampler, SeededDataset, build_datasets, shard_indices, worker_count
+from .data import GlobalBatchSampler, SeededDataset, build_datasets, shard_indices, train_loader, worker_count
 from .recipes import Recipe
 
 __all__ = ['TrainConfig', 'train']
@@ -223,8 +223,7 @@ def train(cfg: TrainConfig) -> List[dict]:
 
     seeded_train = SeededDataset(train_set, recipe.seed)
     workers = worker_count(cfg.workers)
-    train_loader = DataLoader(seeded_train, batch_sampler=sampler, num_workers=workers,
-                              persistent_workers=workers > 0, pin_memory=device.type == 'cuda')
+    train_batches = train_loader(seeded_train, sampler, workers, pin_memory=device.type == 'cuda')
     val_shard = Subset(val_set, shard_indices(len(val_set), rank, world_size))
     val_loader = DataLoader(val_shard, batch_size=max(recipe.batch_size // world_size, 1), num_workers=workers,
                             persistent_workers=workers > 0)
@@ -244,7 +243,7 @@ def train(cfg: TrainConfig) -> List[dict]:
         loss_m, pen_m, top1_m = _Meter(), _Meter(), _Meter()
         start = time.perf_counter()
         num_images = 0
-        batches = iter(train_loader)
+        batches = iter(train_batches)
         bar = tqdm(range(steps_per_epoch), desc=f'epoch {epoch + 1}/{num_epochs}', disable=not is_main,
                    dynamic_ncols=True, leave=False)
         for step in bar:
