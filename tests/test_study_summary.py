@@ -1,0 +1,59 @@
+"""scripts/summarize_study.py: the study's numbers as README and MODEL_CARD quote them."""
+import csv
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip('scipy')
+SCRIPT = Path(__file__).resolve().parents[1] / 'scripts' / 'summarize_study.py'
+FIELDS = ['family', 'model', 'seed', 'recipe', 'top1', 'top5', 'params', 'flops_g', 'train_img_s']
+
+
+@pytest.fixture(scope='module')
+def summarize():
+    spec = importlib.util.spec_from_file_location('summarize_study', SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_runs(path: Path, top1_by_model: dict) -> None:
+    with open(path, 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        for model, values in top1_by_model.items():
+            for seed, top1 in enumerate(values):
+                writer.writerow(dict(family='mobilenetv2', model=model, seed=seed, recipe='r', top1=top1,
+                                     top5=top1 + 40, params=2_240_000, flops_g=0.026, train_img_s=100))
+
+
+def test_summary_tables_and_docs(summarize, tmp_path):
+    runs = tmp_path / 'runs.csv'
+    write_runs(runs, {'mobilenetv2_100': [40.0, 41.0, 42.0], 'mobilenetv2_100_se': [40.0],
+                      'mobilenetv2_100_nam': [44.0, 45.0, 46.0]})
+    doc = tmp_path / 'README.md'
+    doc.write_text('intro\n<!-- study-table -->\nold numbers\n<!-- /study-table -->\noutro\n')
+    summarize.main(['--csv', str(runs), '--docs', str(doc)])
+
+    summary = (tmp_path / 'summary.md').read_text()
+    assert '| mobilenetv2 | `mobilenetv2_100` | 3 | 41.00 ± 1.00 | 81.00 ± 1.00 | 2.24M | 0.026G | 100 |' in summary
+    assert '| mobilenetv2 | `mobilenetv2_100_se` | 1 | 40.00 | 80.00 |' in summary
+    # NAM 45 ± 1 vs base 41 ± 1, 3 seeds each: Welch t = 4.90 on 4 df, 95 % CI 4 ± 2.776 * sqrt(2/3)
+    assert '| mobilenetv2 | `mobilenetv2_100_nam` | `mobilenetv2_100` | +4.00 | [+1.73, +6.27] | 0.008 | 3 vs 3 |' in summary
+    assert '| mobilenetv2 | `mobilenetv2_100_nam` | `mobilenetv2_100_se` | +5.00 | n/a | n/a | 3 vs 1 |' in summary
+    assert (tmp_path / 'top1.png').stat().st_size > 0
+
+    text = doc.read_text()
+    assert text.startswith('intro\n<!-- study-table -->\n| family | model |') and text.endswith('<!-- /study-table -->\noutro\n')
+    assert 'old numbers' not in text and '41.00 ± 1.00' in text and '[+1.73, +6.27]' in text
+
+
+def test_doc_without_markers_is_an_error(summarize, tmp_path):
+    runs = tmp_path / 'runs.csv'
+    write_runs(runs, {'mobilenetv2_100': [40.0, 41.0]})
+    doc = tmp_path / 'MODEL_CARD.md'
+    doc.write_text('no block here\n')
+    with pytest.raises(SystemExit, match='MODEL_CARD.md: no <!-- study-table -->'):
+        summarize.main(['--csv', str(runs), '--docs', str(doc)])
+    assert doc.read_text() == 'no block here\n'
