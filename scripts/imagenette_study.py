@@ -5,6 +5,7 @@ so the study can span sessions. ``scripts/summarize_study.py`` turns the rows in
 
     python scripts/imagenette_study.py --data-dir ../shared/data/imagenette2-224            # everything missing
     python scripts/imagenette_study.py --data-dir ... --family mobilenetv2 --max-runs 2     # a slice
+    python scripts/imagenette_study.py --data-dir ... --models mobilenetv2_100_nam mobilenetv2_100 --list
 
 One recipe per family (CPU scale: 64 px, 10 epochs, batch 64, SGD cosine with 1 warmup epoch, label smoothing 0.1);
 NAM models get the paper's penalty (1e-3 MobileNetV2, 1e-4 ResNet), baselines none.
@@ -90,19 +91,24 @@ def main():
     p.add_argument('--csv', default='results/imagenette_study/runs.csv')
     p.add_argument('--family', choices=list(FAMILIES), nargs='+', default=list(FAMILIES))
     p.add_argument('--seeds', type=int, nargs='+', default=list(SEEDS))
-    p.add_argument('--models', nargs='+', help='only these models (default: every model of the chosen families)')
+    p.add_argument('--models', nargs='+',
+                   help='only these models, run in this order within each seed (default: every model of the chosen families)')
     p.add_argument('--max-runs', type=int, help='stop after this many new runs')
     p.add_argument('--workers', type=int, default=2)
+    p.add_argument('--list', action='store_true', help='print the runs still to do and exit')
     args = p.parse_args()
     csv_path, runs_dir = Path(args.csv), Path(args.runs_dir)
-    known = [m for fam in args.family for m in FAMILIES[fam]['models']]
-    unknown = sorted(set(args.models or ()) - set(known))
+    family_of = {m: fam for fam in args.family for m in FAMILIES[fam]['models']}
+    unknown = sorted(set(args.models or ()) - set(family_of))
     if unknown:
-        p.error(f'--models {unknown} not in families {args.family}; choose from {known}')
+        p.error(f'--models {unknown} not in families {args.family}; choose from {list(family_of)}')
     done = done_runs(csv_path)
-    todo = [(fam, m, s) for s in args.seeds for fam in args.family for m in FAMILIES[fam]['models']
-            if (m, s, recipe_string(fam)) not in done and (not args.models or m in args.models)]
+    todo = [(family_of[m], m, s) for s in args.seeds for m in (args.models or family_of)
+            if (m, s, recipe_string(family_of[m])) not in done]
     print(f'{len(todo)} runs to do' + (f', doing {args.max_runs}' if args.max_runs else ''), flush=True)
+    if args.list:
+        print('\n'.join(f'{model} seed {seed}' for _, model, seed in todo))
+        return
     for fam, model, seed in todo[:args.max_runs]:
         row = run_one(fam, model, seed, args.data_dir, runs_dir, args.workers)
         append_row(csv_path, row)
