@@ -13,6 +13,7 @@ NAM models get the paper's penalty (1e-3 MobileNetV2, 1e-4 ResNet), baselines no
 import argparse
 import csv
 import json
+import platform
 import subprocess
 import sys
 import time
@@ -59,6 +60,17 @@ def append_row(csv_path: Path, row: dict) -> None:
         writer.writerow(row)
 
 
+def host_cpu() -> str:
+    """The processor's model name, so throughput from different machines is not mistaken for a model effect."""
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('model name'):
+                return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def run_one(family: str, model: str, seed: int, data_dir: str, runs_dir: Path, workers: int) -> dict:
     out = runs_dir / f'{model}_s{seed}'
     cmd = [sys.executable, '-m', 'timm_nam', 'train', '-m', model, '--data-dir', data_dir, '-o', str(out),
@@ -71,6 +83,7 @@ def run_one(family: str, model: str, seed: int, data_dir: str, runs_dir: Path, w
     kwargs = {'img_size': 64} if timm.get_pretrained_cfg_value(model, 'fixed_input_size') else {}
     net = timm.create_model(model, num_classes=args['num_classes'], **kwargs)
     final = metrics[-1]
+    device = args.get('device_used', '')
     return {
         'family': family, 'model': model, 'seed': seed, 'recipe': recipe_string(family),
         'top1': round(final['val_top1'], 3), 'top5': round(final['val_top5'], 3),
@@ -79,7 +92,7 @@ def run_one(family: str, model: str, seed: int, data_dir: str, runs_dir: Path, w
         'flops_g': round(count_flops(net, (3, 64, 64)).paper_flops / 1e9, 4),
         'train_img_s': round(sum(r['img_per_s'] for r in metrics) / len(metrics), 1),
         'train_minutes': round(sum(r['epoch_time_s'] for r in metrics) / 60, 2),
-        'penalty_p': args['penalty_p'], 'device': args.get('device_used', ''),
+        'penalty_p': args['penalty_p'], 'device': device if device != 'cpu' else f'cpu ({host_cpu()})',
         'date': time.strftime('%Y-%m-%d'), 'timm_nam': timm_nam.__version__,
     }
 
