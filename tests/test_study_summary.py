@@ -31,7 +31,7 @@ def write_runs(path: Path, top1_by_model: dict) -> None:
 def test_summary_tables_and_docs(summarize, tmp_path):
     runs = tmp_path / 'runs.csv'
     write_runs(runs, {'mobilenetv2_100': [40.0, 41.0, 42.0], 'mobilenetv2_100_se': [40.0],
-                      'mobilenetv2_100_nam': [44.0, 45.0, 46.0]})
+                      'mobilenetv2_100_nam': [44.0, 46.0, 45.0]})
     doc = tmp_path / 'README.md'
     doc.write_text('intro\n<!-- study-table -->\nold numbers\n<!-- /study-table -->\noutro\n')
     summarize.main(['--csv', str(runs), '--docs', str(doc)])
@@ -39,9 +39,11 @@ def test_summary_tables_and_docs(summarize, tmp_path):
     summary = (tmp_path / 'summary.md').read_text()
     assert '| mobilenetv2 | `mobilenetv2_100` | 3 | 41.00 ± 1.00 | 81.00 ± 1.00 | 2.24M | 0.026G | 100 |' in summary
     assert '| mobilenetv2 | `mobilenetv2_100_se` | 1 | 40.00 | 80.00 |' in summary
-    # NAM 45 ± 1 vs base 41 ± 1, 3 seeds each: Welch t = 4.90 on 4 df, 95 % CI 4 ± 2.776 * sqrt(2/3)
-    assert '| mobilenetv2 | `mobilenetv2_100_nam` | `mobilenetv2_100` | +4.00 | [+1.73, +6.27] | 0.008 | 3 vs 3 |' in summary
-    assert '| mobilenetv2 | `mobilenetv2_100_nam` | `mobilenetv2_100_se` | +5.00 | n/a | n/a | 3 vs 1 |' in summary
+    # NAM 45 ± 1 vs base 41 ± 1, 3 seeds each: Welch t = 4.90 on 4 df, 95 % CI 4 ± 2.776 * sqrt(2/3);
+    # paired by seed the differences are 4, 5, 3: t = 4 / (1 / sqrt(3)) = 6.93 on 2 df
+    assert ('| mobilenetv2 | `mobilenetv2_100_nam` | `mobilenetv2_100` | +4.00 | [+1.73, +6.27] | 0.008 | 0.020 '
+            '| 3 vs 3 |') in summary
+    assert '| mobilenetv2 | `mobilenetv2_100_nam` | `mobilenetv2_100_se` | +5.00 | n/a | n/a | n/a | 3 vs 1 |' in summary
     assert (tmp_path / 'top1.png').stat().st_size > 0
 
     text = doc.read_text()
