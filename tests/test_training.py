@@ -1,5 +1,6 @@
 """timm-nam train: exact resume after a real kill, DDP == accumulation, metrics, clear errors."""
 import json
+import math
 import os
 import signal
 import socket
@@ -14,6 +15,8 @@ from safetensors.torch import load_file
 
 from tests.helpers import make_image_folder
 from timm_nam.training.data import GlobalBatchSampler, SeededDataset, train_loader
+from timm_nam.training.loop import create_lr_scheduler
+from timm_nam.training.recipes import get_recipe
 
 # a small NAM model at 32 px: seconds per epoch on 2 CPU cores
 BASE = ['-m', 'resnet18_nam', '--recipe', 'cifar', '--img-size', '32', '-b', '8', '--lr', '0.05', '--workers', '0',
@@ -63,7 +66,8 @@ def test_train_writes_weights_state_and_metrics(data_dir, tmp_path):
 
 
 def test_killed_and_resumed_run_equals_uninterrupted(data_dir, tmp_path):
-    epochs = ['--epochs', '4']
+    # killed inside a per-step warmup: the resumed schedule must pick up at the exact step
+    epochs = ['--epochs', '4', '--warmup-epochs', '3', '--sched-on-updates']
     ref = tmp_path / 'ref'
     assert _run(_cmd(*BASE, '--data-dir', str(data_dir), '-o', str(ref), *epochs)).returncode == 0
 
@@ -90,6 +94,26 @@ def test_killed_and_resumed_run_equals_uninterrupted(data_dir, tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert [r['epoch'] for r in json.loads(metrics.read_text())] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize('on_updates', [False, True])
+def test_warmup_ramps_per_step_only_with_sched_on_updates(on_updates):
+    recipe = get_recipe('imagenet', epochs=4, warmup_epochs=1, lr=0.1, sched_on_updates=on_updates)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=recipe.lr)
+    scheduler, _ = create_lr_scheduler(optimizer, recipe, steps_per_epoch=10)
+    lrs = []
+    for epoch in range(2):  # the training loop's calls
+        for step in range(10):
+            lrs.append(optimizer.param_groups[0]['lr'])
+            scheduler.step_update(epoch * 10 + step + 1)
+        scheduler.step(epoch + 1)
+    warmup, after = lrs[:10], lrs[10:]
+    if on_updates:  # linear from timm's warmup lr (1e-5) to 0.1 over the 10 steps of the warmup epoch
+        assert warmup == pytest.approx([1e-5 + (0.1 - 1e-5) * s / 10 for s in range(10)])
+        assert after[1] < after[0]  # cosine decay within the epoch
+    else:  # the whole warmup epoch at 1e-5, then one lr per epoch
+        assert warmup == pytest.approx([1e-5] * 10) and len(set(after)) == 1
+    assert after[0] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 1 / 4)))  # both agree at epoch starts
 
 
 def _free_port():

@@ -94,6 +94,8 @@ def _add_train_parser(sub) -> None:
     g.add_argument('--decay-milestones', type=int, nargs='+')
     g.add_argument('--decay-rate', type=float)
     g.add_argument('--warmup-epochs', type=int)
+    g.add_argument('--sched-on-updates', action='store_true', default=None,
+                   help="step the lr schedule every optimizer step (timm train.py's flag): a smooth warmup")
     g.add_argument('--smoothing', type=float)
     g.add_argument('--img-size', type=int)
     g.add_argument('--aug', choices=['cifar', 'imagenet'])

@@ -150,6 +150,15 @@ def _write_metrics(out: Path, rows: List[dict]) -> None:
     os.replace(out / 'metrics.csv.tmp', out / 'metrics.csv')
 
 
+def create_lr_scheduler(optimizer, recipe: Recipe, steps_per_epoch: int):
+    """timm's scheduler for ``recipe``; the loop calls ``step_update`` after every optimizer step and ``step`` after
+    every epoch, and the scheduler acts on whichever ``recipe.sched_on_updates`` selects."""
+    return create_scheduler_v2(
+        optimizer, sched=recipe.sched, num_epochs=recipe.epochs, decay_milestones=list(recipe.decay_milestones),
+        decay_rate=recipe.decay_rate, warmup_epochs=recipe.warmup_epochs, updates_per_epoch=steps_per_epoch,
+        step_on_epochs=not recipe.sched_on_updates)
+
+
 def train(cfg: TrainConfig) -> List[dict]:
     """Run (or resume) a training run; returns the per-epoch metrics."""
     rank, local_rank, world_size = _dist_env()
@@ -185,9 +194,7 @@ def train(cfg: TrainConfig) -> List[dict]:
     sampler = GlobalBatchSampler(len(train_set), recipe.batch_size, recipe.seed, rank, world_size,
                                  cfg.grad_accum_steps)
     steps_per_epoch = sampler.steps if cfg.limit_train_steps is None else min(sampler.steps, cfg.limit_train_steps)
-    scheduler, num_epochs = create_scheduler_v2(
-        optimizer, sched=recipe.sched, num_epochs=recipe.epochs, decay_milestones=list(recipe.decay_milestones),
-        decay_rate=recipe.decay_rate, warmup_epochs=recipe.warmup_epochs, updates_per_epoch=steps_per_epoch)
+    scheduler, num_epochs = create_lr_scheduler(optimizer, recipe, steps_per_epoch)
     model_ema = ModelEmaV3(model, decay=cfg.model_ema_decay) if cfg.model_ema else None
 
     use_amp = cfg.amp

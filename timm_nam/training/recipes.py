@@ -18,6 +18,7 @@ class Recipe:
     decay_milestones: Tuple[int, ...] = ()
     decay_rate: float = 0.1
     warmup_epochs: int = 0
+    sched_on_updates: bool = False  # step the lr schedule (warmup included) every optimizer step, not every epoch
     smoothing: float = 0.0
     img_size: int = 224
     aug: str = 'imagenet'  # 'cifar': random crop with padding + flip; 'imagenet': timm's train transform
