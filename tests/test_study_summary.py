@@ -18,13 +18,14 @@ def summarize():
     return module
 
 
-def write_runs(path: Path, top1_by_model: dict) -> None:
-    with open(path, 'w', newline='') as f:
+def write_runs(path: Path, top1_by_model: dict, recipe='r', append=False) -> None:
+    with open(path, 'a' if append else 'w', newline='') as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
+        if not append:
+            writer.writeheader()
         for model, values in top1_by_model.items():
             for seed, top1 in enumerate(values):
-                writer.writerow(dict(family='mobilenetv2', model=model, seed=seed, recipe='r', top1=top1,
+                writer.writerow(dict(family='mobilenetv2', model=model, seed=seed, recipe=recipe, top1=top1,
                                      top5=top1 + 40, params=2_240_000, flops_g=0.026, train_img_s=100))
 
 
@@ -47,7 +48,8 @@ def test_summary_tables_and_docs(summarize, tmp_path):
     assert (tmp_path / 'top1.png').stat().st_size > 0
 
     text = doc.read_text()
-    assert text.startswith('intro\n<!-- study-table -->\n| family | model |') and text.endswith('<!-- /study-table -->\noutro\n')
+    assert text.startswith('intro\n<!-- study-table -->\nRecipes:\n\n- mobilenetv2: `r`\n\n| family | model |')
+    assert text.endswith('<!-- /study-table -->\noutro\n')
     assert 'old numbers' not in text and '41.00 ± 1.00' in text and '[+1.73, +6.27]' in text
 
 
@@ -59,3 +61,17 @@ def test_doc_without_markers_is_an_error(summarize, tmp_path):
     with pytest.raises(SystemExit, match='MODEL_CARD.md: no <!-- study-table -->'):
         summarize.main(['--csv', str(runs), '--docs', str(doc)])
     assert doc.read_text() == 'no block here\n'
+
+
+def test_a_second_recipe_forms_its_own_groups(summarize, tmp_path):
+    runs = tmp_path / 'runs.csv'
+    write_runs(runs, {'mobilenetv2_100': [40.0, 41.0, 42.0], 'mobilenetv2_100_nam': [44.0, 46.0, 45.0]}, recipe='old')
+    write_runs(runs, {'mobilenetv2_100': [50.0, 52.0]}, recipe='new --sched-on-updates', append=True)
+    summarize.main(['--csv', str(runs), '--docs'])
+    summary = (tmp_path / 'summary.md').read_text()
+    assert '- mobilenetv2, recipe 1: `old`' in summary and '- mobilenetv2, recipe 2: `new --sched-on-updates`' in summary
+    assert '| mobilenetv2, recipe 1 | `mobilenetv2_100` | 3 | 41.00 ± 1.00 |' in summary
+    assert '| mobilenetv2, recipe 2 | `mobilenetv2_100` | 2 | 51.00 ± 1.41 |' in summary
+    # NAM is compared only with the baseline of its own recipe
+    assert '| mobilenetv2, recipe 1 | `mobilenetv2_100_nam` | `mobilenetv2_100` | +4.00 |' in summary
+    assert summary.count('| `mobilenetv2_100_nam` | `mobilenetv2_100` |') == 1
