@@ -8,8 +8,7 @@ import math
 
 import timm
 import torch
-import torchvision.transforms as T
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_dataset
+from timm.data import create_dataset, create_transform
 
 import timm_nam  # noqa: F401  (registers the models)
 
@@ -23,8 +22,7 @@ def main():
     p.add_argument('--images', type=int, default=256)
     args = p.parse_args()
     ds = create_dataset('', root=f'{args.data_dir}/train')
-    tf = T.Compose([T.Resize(int(args.img_size / 0.875)), T.CenterCrop(args.img_size), T.ToTensor(),
-                    T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+    tf = create_transform(args.img_size, is_training=False)  # timm's eval transform: resize, center crop
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:args.images].tolist()
     x = torch.stack([tf(ds[i][0].convert('RGB')) for i in idx])
     y = torch.tensor([ds[i][1] for i in idx])

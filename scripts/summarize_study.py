@@ -116,9 +116,9 @@ def fill_doc(path: Path, block: str) -> None:
 
 
 def plot_top1(groups, out: Path) -> None:
-    families = defaultdict(list)
+    families, labels = defaultdict(list), recipe_labels(groups)
     for (family, model, recipe), rs in groups.items():
-        families[recipe_labels(groups)[family, recipe]].append((model, [float(r['top1']) for r in rs]))
+        families[labels[family, recipe]].append((model, [float(r['top1']) for r in rs]))
     fig, axes = plt.subplots(1, len(families), figsize=(6 * len(families), 4), squeeze=False)
     for ax, (family, items) in zip(axes[0], families.items()):
         for i, (model, vals) in enumerate(items):
