@@ -24,8 +24,8 @@ def main():
     ds = create_dataset('', root=f'{args.data_dir}/train')
     tf = create_transform(args.img_size, is_training=False)  # timm's eval transform: resize, center crop
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:args.images].tolist()
-    x = torch.stack([tf(ds[i][0].convert('RGB')) for i in idx])
-    y = torch.tensor([ds[i][1] for i in idx])
+    images, labels = zip(*(ds[i] for i in idx))  # one read per image
+    x, y = torch.stack([tf(img.convert('RGB')) for img in images]), torch.tensor(labels)
     num_classes = len(ds.reader.class_to_idx)
     print(f'ln({num_classes}) = {math.log(num_classes):.2f}')
     for model in args.models:

@@ -65,9 +65,12 @@ def test_train_writes_weights_state_and_metrics(data_dir, tmp_path):
     assert 'best val top1' in proc.stdout
 
 
-def test_killed_and_resumed_run_equals_uninterrupted(data_dir, tmp_path):
-    # killed inside a per-step warmup: the resumed schedule must pick up at the exact step
-    epochs = ['--epochs', '4', '--warmup-epochs', '3', '--sched-on-updates']
+@pytest.mark.parametrize('schedule', [
+    [],  # the recipe's per-epoch schedule
+    ['--warmup-epochs', '3', '--sched-on-updates'],  # killed inside a per-step warmup: resumes at the exact step
+], ids=['per_epoch', 'per_step_warmup'])
+def test_killed_and_resumed_run_equals_uninterrupted(data_dir, tmp_path, schedule):
+    epochs = ['--epochs', '4', *schedule]
     ref = tmp_path / 'ref'
     assert _run(_cmd(*BASE, '--data-dir', str(data_dir), '-o', str(ref), *epochs)).returncode == 0
 
