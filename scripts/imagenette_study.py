@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import timm
+import torch
 
 import timm_nam
 from timm_nam.flops import count_flops
@@ -75,6 +76,13 @@ def host_cpu() -> str:
     return platform.processor() or platform.machine()
 
 
+def device_label(device: str) -> str:
+    """'cpu (<model name>)' or 'cuda:0 (<GPU name>)': rows from different machines must say which."""
+    if device.startswith('cuda') and torch.cuda.is_available():
+        return f'{device} ({torch.cuda.get_device_name(torch.device(device))})'
+    return f'cpu ({host_cpu()})' if device == 'cpu' else device
+
+
 def run_one(family: str, model: str, seed: int, data_dir: str, runs_dir: Path, workers: int) -> dict:
     # the recipe's hash in the name: a run of another recipe is never resumed as this one
     out = runs_dir / f'{model}_s{seed}_{hashlib.sha1(recipe_string(family).encode()).hexdigest()[:8]}'
@@ -88,7 +96,6 @@ def run_one(family: str, model: str, seed: int, data_dir: str, runs_dir: Path, w
     kwargs = {'img_size': 64} if timm.get_pretrained_cfg_value(model, 'fixed_input_size') else {}
     net = timm.create_model(model, num_classes=args['num_classes'], **kwargs)
     final = metrics[-1]
-    device = args.get('device_used', '')
     return {
         'family': family, 'model': model, 'seed': seed, 'recipe': recipe_string(family),
         'top1': round(final['val_top1'], 3), 'top5': round(final['val_top5'], 3),
@@ -97,7 +104,7 @@ def run_one(family: str, model: str, seed: int, data_dir: str, runs_dir: Path, w
         'flops_g': round(count_flops(net, (3, 64, 64)).paper_flops / 1e9, 4),
         'train_img_s': round(sum(r['img_per_s'] for r in metrics) / len(metrics), 1),
         'train_minutes': round(sum(r['epoch_time_s'] for r in metrics) / 60, 2),
-        'penalty_p': args['penalty_p'], 'device': device if device != 'cpu' else f'cpu ({host_cpu()})',
+        'penalty_p': args['penalty_p'], 'device': device_label(args.get('device_used', '')),
         'date': time.strftime('%Y-%m-%d'), 'timm_nam': timm_nam.__version__,
     }
 
