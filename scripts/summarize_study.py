@@ -63,11 +63,21 @@ def model_lines(groups) -> list:
              '|---|---|---:|---:|---:|---:|---:|---:|']
     labels = recipe_labels(groups)
     for (family, model, recipe), rs in groups.items():
-        speed = statistics.mean(float(r['train_img_s']) for r in rs)
         lines.append(f"| {labels[family, recipe]} | `{model}` | {len(rs)} | "
                      f"{fmt_mean_std([r['top1'] for r in rs])} | {fmt_mean_std([r['top5'] for r in rs])} | "
-                     f"{int(rs[0]['params']) / 1e6:.2f}M | {float(rs[0]['flops_g']):.3f}G | {speed:.0f} |")
+                     f"{int(rs[0]['params']) / 1e6:.2f}M | {float(rs[0]['flops_g']):.3f}G | {speed_cell(rs)} |")
     return lines
+
+
+def speed_cell(rows) -> str:
+    """Mean training img/s per kind of machine ('83 (CPU)', '1633 (GPU)'): a GPU row is 20x a CPU row, so a mean
+    over both would say nothing."""
+    by_kind = defaultdict(list)
+    for r in rows:
+        device = r.get('device') or ''
+        kind = 'GPU' if device.startswith('cuda') else 'CPU' if device.startswith('cpu') else ''
+        by_kind[kind].append(float(r['train_img_s']))
+    return ', '.join(f'{statistics.mean(v):.0f}' + (f' ({kind})' if kind else '') for kind, v in by_kind.items())
 
 
 def paired_pvalue(rows_a, rows_b) -> str:

@@ -75,3 +75,10 @@ def test_a_second_recipe_forms_its_own_groups(summarize, tmp_path):
     # NAM is compared only with the baseline of its own recipe
     assert '| mobilenetv2, recipe 1 | `mobilenetv2_100_nam` | `mobilenetv2_100` | +4.00 |' in summary
     assert summary.count('| `mobilenetv2_100_nam` | `mobilenetv2_100` |') == 1
+
+
+def test_speed_is_reported_per_kind_of_machine(summarize):
+    rows = [dict(train_img_s=80, device='cpu (AMD EPYC)'), dict(train_img_s=90, device='cpu (Intel Xeon)'),
+            dict(train_img_s=1600, device='cuda:0 (NVIDIA H200)')]
+    assert summarize.speed_cell(rows) == '85 (CPU), 1600 (GPU)'
+    assert summarize.speed_cell([dict(train_img_s=100)]) == '100'  # rows made before the device column
