@@ -1,4 +1,5 @@
 """Small synthetic datasets for tests (no downloads)."""
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -18,3 +19,12 @@ def make_image_folder(root: Path, classes: int = 2, per_class: int = 4, size: in
                 img = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
                 Image.fromarray(img).save(d / f'{i}.png')
     return Path(root)
+
+
+def load_script(name: str):
+    """A module of the repository's scripts/ folder (not a package), loaded by path."""
+    path = Path(__file__).resolve().parents[1] / 'scripts' / f'{name}.py'
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

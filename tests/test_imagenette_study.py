@@ -1,19 +1,13 @@
 """scripts/imagenette_study.py: each row says which machine made it (rows from a CPU and a GPU share one table)."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / 'scripts' / 'imagenette_study.py'
+from tests.helpers import load_script
 
 
 @pytest.fixture(scope='module')
 def study():
-    spec = importlib.util.spec_from_file_location('imagenette_study', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script('imagenette_study')
 
 
 def test_cpu_rows_name_the_processor(study):

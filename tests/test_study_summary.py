@@ -1,21 +1,18 @@
 """scripts/summarize_study.py: the study's numbers as README and MODEL_CARD quote them."""
 import csv
-import importlib.util
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import load_script
+
 pytest.importorskip('scipy')
-SCRIPT = Path(__file__).resolve().parents[1] / 'scripts' / 'summarize_study.py'
 FIELDS = ['family', 'model', 'seed', 'recipe', 'top1', 'top5', 'params', 'flops_g', 'train_img_s']
 
 
 @pytest.fixture(scope='module')
 def summarize():
-    spec = importlib.util.spec_from_file_location('summarize_study', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script('summarize_study')
 
 
 def write_runs(path: Path, top1_by_model: dict, recipe='r', append=False) -> None:
