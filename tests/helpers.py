@@ -1,4 +1,4 @@
-"""Small synthetic datasets for tests (no downloads)."""
+"""Test helpers: small synthetic datasets (no downloads) and loading a scripts/ module by path."""
 import importlib.util
 from pathlib import Path
 
