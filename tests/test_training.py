@@ -9,12 +9,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from tests.helpers import make_image_folder
-from timm_nam.training.data import GlobalBatchSampler, SeededDataset, train_loader
+from timm_nam.training.data import GlobalBatchSampler, SeededDataset, build_datasets, train_loader
 from timm_nam.training.loop import create_lr_scheduler
 from timm_nam.training.recipes import get_recipe
 
@@ -216,3 +218,22 @@ def test_wrong_layout_and_wrong_checkpoint_are_clear_errors(data_dir, tmp_path):
     proc = _run(_cmd(*other, '--data-dir', str(data_dir), '-o', str(run), '--epochs', '2', '--resume', str(run)))
     assert proc.returncode == 2
     assert "holds a 'resnet18_nam' model, not 'resnet34_nam'" in proc.stderr
+
+
+def test_cifar_augmentation_shifts_the_validation_view_of_larger_images(tmp_path):
+    # a 64-px image, white centre square on black: at 16 px the square fills the centre 8x8 (a quarter). The
+    # cifar recipe's crop (pad 4) and flip keep that whole square in view, so every training sample is a quarter
+    # white, like validation; a crop taken before resizing would show a 16-px patch of the 64-px image instead.
+    img = np.zeros((64, 64, 3), dtype=np.uint8)
+    img[16:48, 16:48] = 255
+    for split in ('train', 'val'):
+        (tmp_path / split / 'a').mkdir(parents=True)
+        Image.fromarray(img).save(tmp_path / split / 'a' / '0.png')
+    train, val, _ = build_datasets(str(tmp_path), '', 'cifar', 16, 'resnet18_nam')
+    v = val[0][0]
+    grey = (v[0].min() + v[0].max()) / 2  # the normalized mid-grey: resizing softens the square's edge pixels
+    white = lambda x: (x[0] > grey).float().mean().item()  # share of the image inside the square
+    assert v.shape == (3, 16, 16) and white(v) == pytest.approx(0.25)
+    torch.manual_seed(0)
+    shares = [white(train[0][0]) for _ in range(20)]
+    assert shares == pytest.approx([0.25] * 20)

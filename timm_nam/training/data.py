@@ -49,8 +49,11 @@ def check_data_dir(data_dir: str, dataset: str) -> None:
 def _transforms(aug: str, img_size: int, mean, std, crop_pct: float):
     if aug == 'cifar':
         normalize = [T.ToTensor(), T.Normalize(mean, std)]
-        train = T.Compose([T.RandomCrop(img_size, padding=4), T.RandomHorizontalFlip(), *normalize])
-        return train, T.Compose([T.Resize(img_size), T.CenterCrop(img_size), *normalize])
+        view = [T.Resize(img_size), T.CenterCrop(img_size)]  # identity on CIFAR's 32-px images at 32 px
+        # the padded crop shifts the validation view; without `view` an ImageFolder image larger than img_size
+        # would be cut to a small full-resolution patch, a different scale from validation
+        train = T.Compose([*view, T.RandomCrop(img_size, padding=4), T.RandomHorizontalFlip(), *normalize])
+        return train, T.Compose([*view, *normalize])
     if aug != 'imagenet':
         raise ValueError(f"Unknown augmentation {aug!r}; expected 'cifar' or 'imagenet'")
     train = create_transform(img_size, is_training=True, mean=mean, std=std, hflip=0.5, color_jitter=None)
