@@ -59,14 +59,20 @@ def recipe_legend(groups) -> list:
 
 
 def model_lines(groups) -> list:
-    lines = ['| family | model | seeds | top-1 (mean ± std) | top-5 (mean ± std) | params | FLOPs @64 px | train img/s |',
+    lines = ['| family | model | seeds | top-1 (mean ± std) | top-5 (mean ± std) | params | FLOPs | train img/s |',
              '|---|---|---:|---:|---:|---:|---:|---:|']
     labels = recipe_labels(groups)
     for (family, model, recipe), rs in groups.items():
         lines.append(f"| {labels[family, recipe]} | `{model}` | {len(rs)} | "
                      f"{fmt_mean_std([r['top1'] for r in rs])} | {fmt_mean_std([r['top5'] for r in rs])} | "
-                     f"{int(rs[0]['params']) / 1e6:.2f}M | {float(rs[0]['flops_g']):.3f}G | {speed_cell(rs)} |")
+                     f"{int(rs[0]['params']) / 1e6:.2f}M | {float(rs[0]['flops_g']):.3f}G{at_size(recipe)} | {speed_cell(rs)} |")
     return lines
+
+
+def at_size(recipe: str) -> str:
+    """' @64 px' from the recipe's --img-size: families differ in resolution, and FLOPs grow with its square."""
+    size = re.search(r'--img-size (\d+)', recipe)
+    return f' @{size[1]} px' if size else ''
 
 
 def speed_cell(rows) -> str:

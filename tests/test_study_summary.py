@@ -15,7 +15,7 @@ def summarize():
     return load_script('summarize_study')
 
 
-def write_runs(path: Path, top1_by_model: dict, recipe='r', append=False) -> None:
+def write_runs(path: Path, top1_by_model: dict, recipe='--img-size 64', append=False) -> None:
     with open(path, 'a' if append else 'w', newline='') as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         if not append:
@@ -35,7 +35,7 @@ def test_summary_tables_and_docs(summarize, tmp_path):
     summarize.main(['--csv', str(runs), '--docs', str(doc)])
 
     summary = (tmp_path / 'summary.md').read_text()
-    assert '| mobilenetv2 | `mobilenetv2_100` | 3 | 41.00 ± 1.00 | 81.00 ± 1.00 | 2.24M | 0.026G | 100 |' in summary
+    assert '| mobilenetv2 | `mobilenetv2_100` | 3 | 41.00 ± 1.00 | 81.00 ± 1.00 | 2.24M | 0.026G @64 px | 100 |' in summary
     assert '| mobilenetv2 | `mobilenetv2_100_se` | 1 | 40.00 | 80.00 |' in summary
     # NAM 45 ± 1 vs base 41 ± 1, 3 seeds each: Welch t = 4.90 on 4 df, 95 % CI 4 ± 2.776 * sqrt(2/3);
     # paired by seed the differences are 4, 5, 3: t = 4 / (1 / sqrt(3)) = 6.93 on 2 df
@@ -45,7 +45,7 @@ def test_summary_tables_and_docs(summarize, tmp_path):
     assert (tmp_path / 'top1.png').stat().st_size > 0
 
     text = doc.read_text()
-    assert text.startswith('intro\n<!-- study-table -->\nRecipes:\n\n- mobilenetv2: `r`\n\n| family | model |')
+    assert text.startswith('intro\n<!-- study-table -->\nRecipes:\n\n- mobilenetv2: `--img-size 64`\n\n| family | model |')
     assert text.endswith('<!-- /study-table -->\noutro\n')
     assert 'old numbers' not in text and '41.00 ± 1.00' in text and '[+1.73, +6.27]' in text
 
