@@ -121,6 +121,27 @@ def test_warmup_ramps_per_step_only_with_sched_on_updates(on_updates):
     assert after[0] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 1 / 4)))  # both agree at epoch starts
 
 
+
+@pytest.mark.parametrize('on_updates', [False, True])
+def test_decay_milestones_match_the_authors_multisteplr(on_updates):
+    # their script: torch.optim.lr_scheduler.MultiStepLR(milestones, gamma=0.2), stepped after every epoch
+    recipe = get_recipe('cifar', epochs=5, decay_milestones=(2, 4), sched_on_updates=on_updates)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=recipe.lr)
+    scheduler, _ = create_lr_scheduler(optimizer, recipe, steps_per_epoch=3)
+    reference_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=recipe.lr)
+    reference = torch.optim.lr_scheduler.MultiStepLR(reference_opt, milestones=[2, 4], gamma=0.2)
+    lrs, expected = [], []
+    for epoch in range(5):  # the training loop's calls
+        for step in range(3):
+            lrs.append(optimizer.param_groups[0]['lr'])
+            expected.append(reference_opt.param_groups[0]['lr'])
+            scheduler.step_update(epoch * 3 + step + 1)
+        scheduler.step(epoch + 1)
+        reference_opt.step()  # (no gradients: only so the reference scheduler may step)
+        reference.step()
+    assert lrs == pytest.approx(expected)
+    assert lrs[::3] == pytest.approx([0.1, 0.1, 0.02, 0.02, 0.004])
+
 def _free_port():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))

@@ -91,7 +91,9 @@ def _add_train_parser(sub) -> None:
     g.add_argument('--opt')
     g.add_argument('--momentum', type=float)
     g.add_argument('--sched')
-    g.add_argument('--decay-milestones', type=int, nargs='+')
+    g.add_argument('--decay-milestones', type=int, nargs='+',
+                   help='multistep: the first epochs trained at each decayed lr (as PyTorch\'s MultiStepLR; '
+                        'timm\'s train.py decays one epoch earlier)')
     g.add_argument('--decay-rate', type=float)
     g.add_argument('--warmup-epochs', type=int)
     g.add_argument('--sched-on-updates', action='store_true', default=None,

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
+from timm.scheduler import MultiStepLRScheduler, create_scheduler_v2
 from timm.utils import ModelEmaV3, accuracy
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
@@ -153,10 +153,16 @@ def _write_metrics(out: Path, rows: List[dict]) -> None:
 def create_lr_scheduler(optimizer, recipe: Recipe, steps_per_epoch: int):
     """timm's scheduler for ``recipe``; the loop calls ``step_update`` after every optimizer step and ``step`` after
     every epoch, and the scheduler acts on whichever ``recipe.sched_on_updates`` selects."""
-    return create_scheduler_v2(
+    scheduler, num_epochs = create_scheduler_v2(
         optimizer, sched=recipe.sched, num_epochs=recipe.epochs, decay_milestones=list(recipe.decay_milestones),
         decay_rate=recipe.decay_rate, warmup_epochs=recipe.warmup_epochs, updates_per_epoch=steps_per_epoch,
         step_on_epochs=not recipe.sched_on_updates)
+    if isinstance(scheduler, MultiStepLRScheduler):
+        # timm applies milestone m from schedule index m - 1 (its documented convention), one epoch (or update)
+        # before PyTorch's MultiStepLR, which the authors' script steps after every epoch. Shifted, epoch m is the
+        # first to train at the decayed lr, so the cifar recipe's 60/120/160 give their 60/60/40/40 epochs.
+        scheduler.decay_t = [t + 1 for t in scheduler.decay_t]
+    return scheduler, num_epochs
 
 
 def train(cfg: TrainConfig) -> List[dict]:
