@@ -64,6 +64,9 @@ def test_train_writes_weights_state_and_metrics(data_dir, tmp_path):
     assert args['penalty_p'] == 1e-3 and args['recipe']['decay_milestones'] == [60, 120, 160]
     state = torch.load(out / 'last_state.pt', weights_only=True)
     assert state['epoch'] == 1 and 'optimizer' in state and 'rng' in state and state['scaler']  # fp16 GradScaler
+    # the authors' optimizer: plain momentum SGD with weight decay on every parameter, biases and BN included
+    assert [(g['momentum'], g['nesterov'], g['weight_decay']) for g in state['optimizer']['param_groups']] == [
+        (0.9, False, 5e-4)]
     assert 'best val top1' in proc.stdout
 
 
@@ -121,7 +124,6 @@ def test_warmup_ramps_per_step_only_with_sched_on_updates(on_updates):
     assert after[0] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 1 / 4)))  # both agree at epoch starts
 
 
-
 @pytest.mark.parametrize('on_updates', [False, True])
 def test_decay_milestones_match_the_authors_multisteplr(on_updates):
     # their script: torch.optim.lr_scheduler.MultiStepLR(milestones, gamma=0.2), stepped after every epoch
@@ -141,6 +143,7 @@ def test_decay_milestones_match_the_authors_multisteplr(on_updates):
         reference.step()
     assert lrs == pytest.approx(expected)
     assert lrs[::3] == pytest.approx([0.1, 0.1, 0.02, 0.02, 0.004])
+
 
 def _free_port():
     with socket.socket() as s:
@@ -243,7 +246,7 @@ def test_wrong_layout_and_wrong_checkpoint_are_clear_errors(data_dir, tmp_path):
 
 def test_cifar_augmentation_shifts_the_validation_view_of_larger_images(tmp_path):
     # a 64-px image, white centre square on black: at 16 px the square fills the centre 8x8 (a quarter). The
-    # cifar recipe's crop (pad 4) and flip keep that whole square in view, so every training sample is a quarter
+    # cifar recipe's crop (pad 16 / 8 = 2) and flip keep that square in view, so every training sample is a quarter
     # white, like validation; a crop taken before resizing would show a 16-px patch of the 64-px image instead.
     img = np.zeros((64, 64, 3), dtype=np.uint8)
     img[16:48, 16:48] = 255
@@ -258,3 +261,7 @@ def test_cifar_augmentation_shifts_the_validation_view_of_larger_images(tmp_path
     torch.manual_seed(0)
     shares = [white(train[0][0]) for _ in range(20)]
     assert shares == pytest.approx([0.25] * 20)
+    # the padding is an eighth of the size (CIFAR's 4 px at 32 px): at 64 px the square moves by up to 8 px
+    train64, _, _ = build_datasets(str(tmp_path), '', 'cifar', 64, 'resnet18_nam')
+    shifts = [abs(int((train64[0][0][0, 32] > grey).nonzero()[0]) - 16) for _ in range(40)]
+    assert max(shifts) == 8 and min(shifts) == 0

@@ -51,8 +51,10 @@ def _transforms(aug: str, img_size: int, mean, std, crop_pct: float):
         normalize = [T.ToTensor(), T.Normalize(mean, std)]
         view = [T.Resize(img_size), T.CenterCrop(img_size)]  # identity on CIFAR's 32-px images at 32 px
         # the padded crop shifts the validation view; without `view` an ImageFolder image larger than img_size
-        # would be cut to a small full-resolution patch, a different scale from validation
-        train = T.Compose([*view, T.RandomCrop(img_size, padding=4), T.RandomHorizontalFlip(), *normalize])
+        # would be cut to a small full-resolution patch, a different scale from validation. The padding is an
+        # eighth of the size (CIFAR's 4 px at 32 px), so the shift stays as strong at any resolution.
+        pad = max(1, round(img_size / 8))
+        train = T.Compose([*view, T.RandomCrop(img_size, padding=pad), T.RandomHorizontalFlip(), *normalize])
         return train, T.Compose([*view, *normalize])
     if aug != 'imagenet':
         raise ValueError(f"Unknown augmentation {aug!r}; expected 'cifar' or 'imagenet'")

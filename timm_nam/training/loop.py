@@ -161,7 +161,7 @@ def create_lr_scheduler(optimizer, recipe: Recipe, steps_per_epoch: int):
         # timm applies milestone m from schedule index m - 1 (its documented convention), one epoch (or update)
         # before PyTorch's MultiStepLR, which the authors' script steps after every epoch. Shifted, epoch m is the
         # first to train at the decayed lr, so the cifar recipe's 60/120/160 give their 60/60/40/40 epochs.
-        scheduler.decay_t = [t + 1 for t in scheduler.decay_t]
+        scheduler.decay_t = sorted(t + 1 for t in scheduler.decay_t)  # timm bisects; PyTorch takes any order
     return scheduler, num_epochs
 
 
