@@ -145,6 +145,25 @@ def test_decay_milestones_match_the_authors_multisteplr(on_updates):
     assert lrs[::3] == pytest.approx([0.1, 0.1, 0.02, 0.02, 0.004])
 
 
+@pytest.mark.parametrize('on_updates', [False, True])
+def test_decay_milestones_with_warmup_count_from_the_first_epoch(on_updates):
+    # warmup replaces the first epoch's lr; milestones stay epochs of the whole run (not shifted by the warmup)
+    recipe = get_recipe('cifar', epochs=5, decay_milestones=(2, 4), warmup_epochs=1, sched_on_updates=on_updates)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=recipe.lr)
+    scheduler, _ = create_lr_scheduler(optimizer, recipe, steps_per_epoch=4)
+    lrs = []
+    for epoch in range(5):  # the training loop's calls
+        for step in range(4):
+            lrs.append(optimizer.param_groups[0]['lr'])
+            scheduler.step_update(epoch * 4 + step + 1)
+        scheduler.step(epoch + 1)
+    if on_updates:  # linear from timm's warmup lr (1e-5) to 0.1 over the 4 steps of the warmup epoch
+        assert lrs[:4] == pytest.approx([1e-5 + (0.1 - 1e-5) * s / 4 for s in range(4)])
+    else:
+        assert lrs[:4] == pytest.approx([1e-5] * 4)
+    assert lrs[4:] == pytest.approx([0.1] * 4 + [0.02] * 8 + [0.004] * 4)
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
