@@ -104,17 +104,23 @@ def test_killed_and_resumed_run_equals_uninterrupted(data_dir, tmp_path, schedul
     assert [r['epoch'] for r in json.loads(metrics.read_text())] == [0, 1, 2, 3]
 
 
+def _lr_per_step(recipe, epochs: int, steps_per_epoch: int) -> list:
+    """The lr of every optimizer step, calling the scheduler as the training loop does."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=recipe.lr)
+    scheduler, _ = create_lr_scheduler(optimizer, recipe, steps_per_epoch=steps_per_epoch)
+    lrs = []
+    for epoch in range(epochs):
+        for step in range(steps_per_epoch):
+            lrs.append(optimizer.param_groups[0]['lr'])
+            scheduler.step_update(epoch * steps_per_epoch + step + 1)
+        scheduler.step(epoch + 1)
+    return lrs
+
+
 @pytest.mark.parametrize('on_updates', [False, True])
 def test_warmup_ramps_per_step_only_with_sched_on_updates(on_updates):
     recipe = get_recipe('imagenet', epochs=4, warmup_epochs=1, lr=0.1, sched_on_updates=on_updates)
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=recipe.lr)
-    scheduler, _ = create_lr_scheduler(optimizer, recipe, steps_per_epoch=10)
-    lrs = []
-    for epoch in range(2):  # the training loop's calls
-        for step in range(10):
-            lrs.append(optimizer.param_groups[0]['lr'])
-            scheduler.step_update(epoch * 10 + step + 1)
-        scheduler.step(epoch + 1)
+    lrs = _lr_per_step(recipe, epochs=2, steps_per_epoch=10)
     warmup, after = lrs[:10], lrs[10:]
     if on_updates:  # linear from timm's warmup lr (1e-5) to 0.1 over the 10 steps of the warmup epoch
         assert warmup == pytest.approx([1e-5 + (0.1 - 1e-5) * s / 10 for s in range(10)])
@@ -128,17 +134,12 @@ def test_warmup_ramps_per_step_only_with_sched_on_updates(on_updates):
 def test_decay_milestones_match_the_authors_multisteplr(on_updates):
     # their script: torch.optim.lr_scheduler.MultiStepLR(milestones, gamma=0.2), stepped after every epoch
     recipe = get_recipe('cifar', epochs=5, decay_milestones=(2, 4), sched_on_updates=on_updates)
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=recipe.lr)
-    scheduler, _ = create_lr_scheduler(optimizer, recipe, steps_per_epoch=3)
+    lrs = _lr_per_step(recipe, epochs=5, steps_per_epoch=3)
     reference_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=recipe.lr)
     reference = torch.optim.lr_scheduler.MultiStepLR(reference_opt, milestones=[2, 4], gamma=0.2)
-    lrs, expected = [], []
-    for epoch in range(5):  # the training loop's calls
-        for step in range(3):
-            lrs.append(optimizer.param_groups[0]['lr'])
-            expected.append(reference_opt.param_groups[0]['lr'])
-            scheduler.step_update(epoch * 3 + step + 1)
-        scheduler.step(epoch + 1)
+    expected = []
+    for epoch in range(5):
+        expected += [reference_opt.param_groups[0]['lr']] * 3
         reference_opt.step()  # (no gradients: only so the reference scheduler may step)
         reference.step()
     assert lrs == pytest.approx(expected)
@@ -149,14 +150,7 @@ def test_decay_milestones_match_the_authors_multisteplr(on_updates):
 def test_decay_milestones_with_warmup_count_from_the_first_epoch(on_updates):
     # warmup replaces the first epoch's lr; milestones stay epochs of the whole run (not shifted by the warmup)
     recipe = get_recipe('cifar', epochs=5, decay_milestones=(2, 4), warmup_epochs=1, sched_on_updates=on_updates)
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=recipe.lr)
-    scheduler, _ = create_lr_scheduler(optimizer, recipe, steps_per_epoch=4)
-    lrs = []
-    for epoch in range(5):  # the training loop's calls
-        for step in range(4):
-            lrs.append(optimizer.param_groups[0]['lr'])
-            scheduler.step_update(epoch * 4 + step + 1)
-        scheduler.step(epoch + 1)
+    lrs = _lr_per_step(recipe, epochs=5, steps_per_epoch=4)
     if on_updates:  # linear from timm's warmup lr (1e-5) to 0.1 over the 4 steps of the warmup epoch
         assert lrs[:4] == pytest.approx([1e-5 + (0.1 - 1e-5) * s / 4 for s in range(4)])
     else:
