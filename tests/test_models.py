@@ -1,6 +1,7 @@
 """Every registered timm-nam model against the checks of timm's own tests/test_models.py, plus the
 paper's parameter counts and the placement of NAM."""
 import math
+import weakref
 
 import pytest
 import timm
@@ -190,6 +191,24 @@ def test_model_torchscript(name):
     x = torch.randn(1, *_input_size(name, TARGET_JIT))
     scripted = torch.jit.script(model)
     torch.testing.assert_close(scripted(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_op_replaced_by_torch_stays_alive_so_scripting_cannot_mistake_another_object_for_it():
+    """The conftest workaround behind the torchscript tests: an op object torch drops while TorchScript
+    keeps its id() must stay alive, or a module attribute allocated at its address is taken for a builtin."""
+    packet = torch.ops.aten.add
+    replaced = weakref.ref(packet._op)
+    torch._ops._refresh_packet(packet)  # as torch.library does when a namespace gains an overload
+    assert packet._op is not replaced()
+    assert replaced() is not None
+    assert torch.jit._builtins._find_builtin(replaced()) == 'aten::add'
+
+    lib = torch.library.Library('timm_nam_test', 'DEF')
+    lib.define('twice(Tensor x) -> Tensor')
+    torn_down = weakref.ref(torch.ops.timm_nam_test.twice._op)
+    lib._destroy()  # library teardown drops the packet and its op
+    assert 'twice' not in vars(torch.ops.timm_nam_test)
+    assert torn_down() is not None
 
 
 @pytest.mark.slow
