@@ -13,10 +13,11 @@ One recipe per family; NAM models get the paper's penalty (1e-3 MobileNetV2, 1e-
 - resnet50_cifar (GPU only, chosen by name): Table 1's models (CIFAR-stem ResNet-50) under the authors' CIFAR recipe
   (momentum SGD lr 0.1, wd 5e-4 on all parameters, batch 128, padded crop + flip) on Imagenette at 160 px, SHORTENED
   to 4 epochs at lr 0.1 / 0.02 / 0.004 / 0.0008 (theirs: 200 epochs on CIFAR-100 at 32 px, x0.2 from 30/60/80 %)
-  so that all five models fit one 15-minute lease of one H100/H200: at 160 px the CIFAR stem costs ~33 GFLOPs per
-  image, ~8x ResNet-50 at 224 px. An early-training comparison, labelled as such; it cannot confirm or refute Table 1.
+  so that all five models fit one 15-minute GPU lease: at 160 px the CIFAR stem costs ~33 GFLOPs per image, ~8x
+  ResNet-50 at 224 px; one seed of all five took 12 minutes on an H200, and NAM spatial needs more than 83 GiB at
+  batch 128 (not an 80-GB H100). An early-training comparison, labelled as such; it cannot confirm or refute Table 1.
 
-    python scripts/imagenette_study.py --data-dir ... --family resnet50_cifar --seeds 0 --workers 12 --max-runs 2
+    python scripts/imagenette_study.py --data-dir ... --family resnet50_cifar --seeds 1 --workers 12 --max-runs 2
 """
 import argparse
 import csv
