@@ -1,8 +1,11 @@
-"""Test helpers: small synthetic datasets (no downloads) and loading a scripts/ module by path."""
+"""Test helpers: the NAM formulas written out as the authors' code computes them, small synthetic datasets (no
+downloads) and loading a scripts/ module by path."""
 import importlib.util
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn as nn
 from PIL import Image
 
 
@@ -28,3 +31,26 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def randomize_bn(bn: nn.Module) -> None:
+    with torch.no_grad():
+        bn.weight.uniform_(-1.5, 1.5)
+        bn.bias.normal_()
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+
+
+def channel_reference(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """Authors' Channel_Att: sigmoid(|γ|/Σ|γ| · BN(x)) · x with weights from .data."""
+    w = bn.weight.data.abs() / bn.weight.data.abs().sum()
+    return torch.sigmoid(bn(x) * w.view(1, -1, 1, 1)) * x
+
+
+def spatial_reference(bn: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
+    """Authors' deleted pixel attention: BatchNorm1d(H·W) over x reshaped to (N, H·W, C)."""
+    n, c, h, w = x.shape
+    y = bn(x.permute(0, 2, 3, 1).reshape(n, h * w, c))  # stats per pixel over batch and channels
+    y = y.reshape(n, h, w, c).permute(0, 3, 1, 2)
+    lam = bn.weight.data.abs() / bn.weight.data.abs().sum()
+    return torch.sigmoid(y * lam.view(1, 1, h, w)) * x

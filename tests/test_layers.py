@@ -8,35 +8,13 @@ import torch
 import torch.nn as nn
 
 from timm_nam import NAM, BAM, NAMChannel, NAMSpatial, TripletAttention, nam_weights
-
-
-def _randomize_bn(bn: nn.Module) -> None:
-    with torch.no_grad():
-        bn.weight.uniform_(-1.5, 1.5)
-        bn.bias.normal_()
-        bn.running_mean.normal_()
-        bn.running_var.uniform_(0.5, 2.0)
-
-
-def _channel_reference(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
-    """Authors' Channel_Att: sigmoid(|γ|/Σ|γ| · BN(x)) · x with weights from .data."""
-    w = bn.weight.data.abs() / bn.weight.data.abs().sum()
-    return torch.sigmoid(bn(x) * w.view(1, -1, 1, 1)) * x
-
-
-def _spatial_reference(bn: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
-    """Authors' deleted pixel attention: BatchNorm1d(H·W) over x reshaped to (N, H·W, C)."""
-    n, c, h, w = x.shape
-    y = bn(x.permute(0, 2, 3, 1).reshape(n, h * w, c))  # stats per pixel over batch and channels
-    y = y.reshape(n, h, w, c).permute(0, 3, 1, 2)
-    lam = bn.weight.data.abs() / bn.weight.data.abs().sum()
-    return torch.sigmoid(y * lam.view(1, 1, h, w)) * x
+from tests.helpers import channel_reference, randomize_bn, spatial_reference
 
 
 @pytest.mark.parametrize('training', [True, False])
 def test_channel_matches_formula_float64(training):
     layer = NAMChannel(16).double()
-    _randomize_bn(layer.bn)
+    randomize_bn(layer.bn)
     ref_bn = nn.BatchNorm2d(16).double()
     ref_bn.load_state_dict(layer.bn.state_dict())
     layer.train(training)
@@ -44,7 +22,7 @@ def test_channel_matches_formula_float64(training):
     x = torch.randn(4, 16, 7, 5, dtype=torch.float64) * 3 + 1
     for _ in range(3):  # also checks the running statistics evolve identically
         out = layer(x)
-        ref = _channel_reference(ref_bn, x)
+        ref = channel_reference(ref_bn, x)
         torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
     torch.testing.assert_close(layer.bn.running_mean, ref_bn.running_mean, atol=1e-12, rtol=0)
     torch.testing.assert_close(layer.bn.running_var, ref_bn.running_var, atol=1e-12, rtol=0)
@@ -55,24 +33,24 @@ def test_channel_matches_formula_float64(training):
 def test_spatial_matches_formula_float64(training):
     layer = NAMSpatial(6, feat_size=(5, 4)).double()
     assert layer.bn.weight.shape == (20,)
-    _randomize_bn(layer.bn)
+    randomize_bn(layer.bn)
     ref_bn = nn.BatchNorm1d(20).double()
     ref_bn.load_state_dict(layer.bn.state_dict())
     layer.train(training)
     ref_bn.train(training)
     x = torch.randn(3, 6, 5, 4, dtype=torch.float64) * 2 - 1
     for _ in range(3):
-        torch.testing.assert_close(layer(x), _spatial_reference(ref_bn, x), atol=1e-6, rtol=0)
+        torch.testing.assert_close(layer(x), spatial_reference(ref_bn, x), atol=1e-6, rtol=0)
     torch.testing.assert_close(layer.bn.running_mean, ref_bn.running_mean, atol=1e-12, rtol=0)
     torch.testing.assert_close(layer.bn.running_var, ref_bn.running_var, atol=1e-12, rtol=0)
 
 
 def test_combined_is_channel_then_spatial():
     layer = NAM(8, feat_size=6).double().eval()
-    _randomize_bn(layer.channel.bn)
-    _randomize_bn(layer.spatial.bn)
+    randomize_bn(layer.channel.bn)
+    randomize_bn(layer.spatial.bn)
     x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
-    expected = _spatial_reference(layer.spatial.bn, _channel_reference(layer.channel.bn, x))
+    expected = spatial_reference(layer.spatial.bn, channel_reference(layer.channel.bn, x))
     torch.testing.assert_close(layer(x), expected, atol=1e-6, rtol=0)
 
 
@@ -83,7 +61,7 @@ def test_gradients_match_formula(make):
     for through in (False, True):
         layer = make().double().train()
         layer.grad_through_weights = through
-        _randomize_bn(layer.bn)
+        randomize_bn(layer.bn)
         ref_bn = (nn.BatchNorm2d(8) if isinstance(layer, NAMChannel) else nn.BatchNorm1d(16)).double()
         ref_bn.load_state_dict(layer.bn.state_dict())
         xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -108,7 +86,7 @@ def test_grad_through_weights_changes_the_scale_gradient():
     for through in (False, True):
         torch.manual_seed(1)
         layer = NAMChannel(8, grad_through_weights=through)
-        _randomize_bn(layer.bn)
+        randomize_bn(layer.bn)
         layer(x).sum().backward()
         grads.append(layer.bn.weight.grad.clone())
     assert not torch.allclose(grads[0], grads[1])
@@ -199,7 +177,7 @@ def test_compile_fullgraph_matches_eager():
 
 def test_sync_batchnorm_conversion_keeps_the_gate():
     layer = NAMChannel(4).eval()
-    _randomize_bn(layer.bn)
+    randomize_bn(layer.bn)
     x = torch.randn(2, 4, 3, 3)
     expected = layer(x)
     converted = nn.SyncBatchNorm.convert_sync_batchnorm(layer).eval()
@@ -223,7 +201,7 @@ def test_baseline_layers_shapes_and_counts():
 def test_low_precision_close_to_float64_formula(make, dtype, tol, training):
     """Half-precision activations (as under AMP) with float32 parameters, against the float64 formula."""
     layer = make()
-    _randomize_bn(layer.bn)
+    randomize_bn(layer.bn)
     ref = copy.deepcopy(layer).double()
     layer.train(training)
     ref.train(training)
@@ -235,7 +213,7 @@ def test_low_precision_close_to_float64_formula(make, dtype, tol, training):
 
 def test_inference_path_reuses_buffers_and_matches_autograd_path():
     layer = NAMChannel(8).eval()
-    _randomize_bn(layer.bn)
+    randomize_bn(layer.bn)
     x = torch.randn(2, 8, 4, 4)
     with torch.no_grad():
         fast = layer(x)

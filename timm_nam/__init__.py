@@ -3,7 +3,7 @@
 ``import timm`` loads ``timm_nam.models`` (and so this package) through the ``timm.plugins`` entry point, so
 this module stays light: the penalty, training and Hub helpers are imported on first use.
 """
-from .layers import BAM, NAM, NAMChannel, NAMSpatial, TripletAttention, nam_weights
+from .layers import BAM, NAM, NAMChannel, NAMGate, NAMSpatial, TripletAttention, nam_weights
 from .models import AttnEfficientNet, AttnResNet
 
 __version__ = '0.1.1'
@@ -23,5 +23,5 @@ def __getattr__(name):
     raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
-__all__ = ['NAM', 'NAMChannel', 'NAMSpatial', 'BAM', 'TripletAttention', 'nam_weights', 'AttnResNet',
+__all__ = ['NAM', 'NAMChannel', 'NAMSpatial', 'NAMGate', 'BAM', 'TripletAttention', 'nam_weights', 'AttnResNet',
            'AttnEfficientNet', *_LAZY]

@@ -24,7 +24,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_function, to_2tuple
 
-__all__ = ['NAMChannel', 'NAMSpatial', 'NAM', 'nam_weights']
+from .nam_functional import (
+    channel_gate_train, eager_fast_path, fold_gate, folded_gate, nam_gate, pixel_gate_train)
+
+__all__ = ['NAMChannel', 'NAMSpatial', 'NAM', 'NAMGate', 'nam_weights']
 
 # Keyword arguments timm's model builders pass to attention / SE layers. NAM has no reduction MLP,
 # gate choice or activation, so these are accepted and ignored; anything else is a TypeError.
@@ -52,17 +55,6 @@ def nam_weights(scale: torch.Tensor, detach: bool = True) -> torch.Tensor:
         a = a.detach()
     total = a.sum()
     return a / torch.where(total > 0, total, torch.ones_like(total))
-
-
-@register_notrace_function
-def nam_gate(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """``sigmoid(logits) * x``, reusing the buffer of ``logits`` (a temporary nobody else holds): the sigmoid is
-    in place (its producer's backward does not need it), and without autograd so is the product. This saves
-    one or two full-size allocations per call; the arithmetic is unchanged."""
-    s = logits.sigmoid_()
-    if torch.is_grad_enabled() and (x.requires_grad or s.requires_grad):
-        return x * s  # autograd keeps s for the product's backward
-    return s.mul_(x)
 
 
 # Public names: torch.fx only auto-wraps (does not trace into) functions whose names lack a leading '_'.
@@ -150,19 +142,28 @@ class NAMChannel(_NAMGate):
         check_nam_input(x, self.channels, 'NAMChannel')
         bn = self.bn
         w = self.weights()
-        synced = False
         if not torch.jit.is_scripting():
-            # converted by convert_sync_batchnorm (train.py --sync-bn): let it sync its statistics
-            synced = isinstance(bn, nn.SyncBatchNorm)
-        if synced:
-            y = bn(x) * w.view(1, -1, 1, 1)
-        else:
-            factor = 0.
-            if self.training:
-                factor = self._count_batch()
-            y = F.batch_norm(
-                x, bn.running_mean, bn.running_var, bn.weight * w, bn.bias * w, self.training, factor, bn.eps)
+            if isinstance(bn, nn.SyncBatchNorm):
+                # converted by convert_sync_batchnorm (train.py --sync-bn): let it sync its statistics
+                return nam_gate(x, bn(x) * w.view(1, -1, 1, 1))
+        if not self.training:
+            a, b = fold_gate(bn.weight * w, bn.bias * w, bn.running_mean, bn.running_var, bn.eps)
+            return folded_gate(x, a.view(1, -1, 1, 1), b.view(1, -1, 1, 1))
+        factor = self._count_batch()
+        if not torch.jit.is_scripting():
+            if eager_fast_path(x):
+                return channel_gate_train(x, bn.weight * w, bn.bias * w, bn.running_mean, bn.running_var, factor, bn.eps)
+        y = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight * w, bn.bias * w, True, factor, bn.eps)
         return nam_gate(x, y)
+
+    def fuse(self) -> 'NAMGate':
+        """This gate in its inference form: ``x · sigmoid(a·x + b)`` with per-channel ``a, b`` folded from the
+        batch norm's parameters and running statistics. `timm.utils.reparameterize_model` calls it."""
+        bn = self.bn
+        with torch.no_grad():
+            w = nam_weights(bn.weight)
+            a, b = fold_gate(bn.weight * w, bn.bias * w, bn.running_mean, bn.running_var, bn.eps)
+        return NAMGate(a.view(1, -1, 1, 1), b.view(1, -1, 1, 1), channels=self.channels)
 
     def extra_repr(self) -> str:
         return f'channels={self.channels}, grad_through_weights={self.grad_through_weights}'
@@ -214,20 +215,40 @@ class NAMSpatial(_NAMGate):
         w = self.weights()
         running_mean, running_var = bn.running_mean, bn.running_var
         assert running_mean is not None and running_var is not None
-        if self.training:
-            mean, var, var_unbiased = pixel_batch_stats(x)
-            with torch.no_grad():
-                factor = self._count_batch()
-                running_mean.lerp_(mean.to(running_mean.dtype), factor)
-                running_var.lerp_(var_unbiased.to(running_var.dtype), factor)
-        else:
-            mean, var = running_mean, running_var
+        if not self.training:
+            a, b = fold_gate(bn.weight * w, bn.bias * w, running_mean, running_var, bn.eps)
+            return folded_gate(x, a.view(1, 1, h, w_), b.view(1, 1, h, w_))
+        if not torch.jit.is_scripting():
+            if eager_fast_path(x):
+                with torch.no_grad():
+                    mean, var, var_unbiased = pixel_batch_stats(x)
+                    self._update_running_stats(mean, var_unbiased)
+                return pixel_gate_train(x, bn.weight * w, bn.bias * w, mean, var, bn.eps)
+        mean, var, var_unbiased = pixel_batch_stats(x)
+        with torch.no_grad():
+            self._update_running_stats(mean, var_unbiased)
         # w * BN_s(x) = a * x + b with per-pixel a, b: one affine inside the gate.
         a = w * bn.weight * torch.rsqrt(var + bn.eps)
         b = w * bn.bias - mean * a
         a = a.to(x.dtype).view(1, 1, h, w_)
         b = b.to(x.dtype).view(1, 1, h, w_)
         return nam_gate(x, torch.addcmul(b, x, a))
+
+    def _update_running_stats(self, mean: torch.Tensor, var_unbiased: torch.Tensor) -> None:
+        running_mean, running_var = self.bn.running_mean, self.bn.running_var
+        assert running_mean is not None and running_var is not None
+        factor = self._count_batch()
+        running_mean.lerp_(mean.to(running_mean.dtype), factor)
+        running_var.lerp_(var_unbiased.to(running_var.dtype), factor)
+
+    def fuse(self) -> 'NAMGate':
+        """This gate in its inference form, with per-pixel ``a, b`` (see `NAMChannel.fuse`)."""
+        bn = self.bn
+        h, w_ = self.feat_size
+        with torch.no_grad():
+            w = nam_weights(bn.weight)
+            a, b = fold_gate(bn.weight * w, bn.bias * w, bn.running_mean, bn.running_var, bn.eps)
+        return NAMGate(a.view(1, 1, h, w_), b.view(1, 1, h, w_), channels=self.channels, feat_size=self.feat_size)
 
     def extra_repr(self) -> str:
         return (f'channels={self.channels}, feat_size={self.feat_size}, '
@@ -260,3 +281,43 @@ class NAM(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.spatial(self.channel(x))
+
+    def fuse(self) -> nn.Sequential:
+        """Both gates in their inference form (see `NAMChannel.fuse`)."""
+        return nn.Sequential(self.channel.fuse(), self.spatial.fuse())
+
+
+class NAMGate(nn.Module):
+    """A NAM gate folded for inference: ``x · sigmoid(a·x + b)``.
+
+    Made by ``fuse()`` of `NAMChannel` / `NAMSpatial` (or `timm.utils.reparameterize_model`), which fold the
+    importance weights, the batch norm's parameters and its running statistics into per-channel (shape
+    (1, C, 1, 1)) or per-pixel (shape (1, 1, H, W)) coefficients. It equals the eval-mode layer it came from and
+    has no training behaviour: batch statistics are gone.
+    """
+
+    def __init__(
+            self,
+            a: torch.Tensor,
+            b: torch.Tensor,
+            channels: int,
+            feat_size: Optional[Tuple[int, int]] = None,
+    ):
+        super().__init__()
+        if a.dim() != 4 or a.shape != b.shape:
+            raise ValueError(f'NAMGate needs a and b of one 4D broadcast shape, got {list(a.shape)} and {list(b.shape)}')
+        self.channels = channels
+        self.feat_size = None if feat_size is None else tuple(to_2tuple(feat_size))
+        self.register_buffer('a', a.detach().clone())
+        self.register_buffer('b', b.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_nam_input(x, self.channels, 'NAMGate')
+        feat_size = self.feat_size
+        if feat_size is not None:
+            check_nam_feat_size(x, feat_size, 'NAMGate')
+        return folded_gate(x, self.a, self.b)
+
+    def extra_repr(self) -> str:
+        kind = 'per channel' if self.feat_size is None else f'per pixel, feat_size={self.feat_size}'
+        return f'channels={self.channels}, {kind}'

@@ -11,8 +11,11 @@ from timm.layers.cbam import CbamModule
 from timm.layers.squeeze_excite import SEModule
 
 from ..layers import BAM, NAM, NAMChannel, NAMSpatial, TripletAttention
+from ..layers.nam_norm import for_nam
 
-__all__ = ['BLOCK_ATTN_KINDS', 'STAGE_ATTN_KINDS', 'create_block_attn', 'create_stage_attn', 'feat_size_at']
+__all__ = [
+    'BLOCK_ATTN_KINDS', 'STAGE_ATTN_KINDS', 'create_block_attn', 'create_stage_attn', 'feat_size_at', 'norm_before_attn',
+]
 
 # Baselines use the NAM paper's reduction r=16 with hidden width C // 16; these exact choices are the
 # ones whose parameter counts equal the paper's Tables 1-2 (SE bias-free, CBAM's MLP with bias).
@@ -48,6 +51,14 @@ def create_block_attn(kind: str, channels: int, feat_size: Optional[Tuple[int, i
     if kind == 'cbam':
         return CbamModule(channels, rd_channels=max(channels // 16, 1), mlp_bias=True, **dd)
     return TripletAttention(channels, **dd)
+
+
+def norm_before_attn(norm: nn.Module, attn: Optional[nn.Module]) -> nn.Module:
+    """The batch norm that feeds ``attn``, made NAM-aware (in place) when ``attn`` is a NAM gate, so that the gate
+    trains without keeping a full-size tensor of its own (`timm_nam.layers.nam_norm`)."""
+    if isinstance(attn, (NAMChannel, NAMSpatial, NAM)):
+        return for_nam(norm)
+    return norm
 
 
 def create_stage_attn(kind: str, channels: int, **dd) -> nn.Module:

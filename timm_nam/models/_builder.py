@@ -3,7 +3,7 @@ from timm.layers import to_2tuple
 from timm.models import build_model_with_cfg
 from timm.models._builder import resolve_pretrained_cfg
 
-__all__ = ['build_nam_model']
+__all__ = ['build_nam_model', 'reparameterize_nam']
 
 
 def build_nam_model(model_cls, variant: str, pretrained: bool, **kwargs):
@@ -54,3 +54,10 @@ def _sync_cfg_input_size(model, img_size) -> None:
         ph, pw = cfg['pool_size']
         cfg['pool_size'] = (max(round(ph * h / old_h), 1), max(round(pw * w / old_w), 1))
     model.pretrained_cfg = model.default_cfg = cfg
+
+
+def reparameterize_nam(model) -> None:
+    """Fold the NAM gates of ``model`` for inference, in place, with timm's own walk (imported here, not at
+    ``import timm``)."""
+    from timm.utils import reparameterize_model
+    reparameterize_model(model, inplace=True)

@@ -27,8 +27,8 @@ from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedRes
 from timm.models._efficientnet_builder import decode_arch_def, resolve_act_layer, resolve_bn_args, round_channels
 from timm.models.efficientnet import EfficientNet
 
-from ._attn import create_block_attn, create_stage_attn
-from ._builder import build_nam_model
+from ._attn import create_block_attn, create_stage_attn, norm_before_attn
+from ._builder import build_nam_model, reparameterize_nam
 from ._cfg import hub_id, nam_cfg
 
 __all__ = ['AttnEfficientNet']
@@ -75,8 +75,14 @@ class AttnEfficientNet(EfficientNet):
                     if not isinstance(norm.act, nn.Identity):
                         raise ValueError(f'{type(block).__name__} has an activation after its projection norm')
                     norm.act = create_block_attn(block_attn, norm.num_features, feat_size=(h, w), **dd)
+                    norm_before_attn(norm, norm.act)
             if stage_attn is not None:
                 stage.append(create_stage_attn(stage_attn, _projection_norm(stage[-1]).num_features, **dd))
+
+    def reparameterize(self) -> None:
+        """Fold every NAM gate for inference, in place (`timm_nam.NAMChannel.fuse`); what
+        `timm.utils.reparameterize_model` does to this model's children."""
+        reparameterize_nam(self)
 
 
 def _create_attn_effnet(variant: str, pretrained: bool = False, **kwargs) -> AttnEfficientNet:

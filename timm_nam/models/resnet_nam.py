@@ -21,8 +21,8 @@ from timm.layers import to_2tuple
 from timm.models import ResNet, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck
 
-from ._attn import create_block_attn, create_stage_attn, feat_size_at
-from ._builder import build_nam_model
+from ._attn import create_block_attn, create_stage_attn, feat_size_at, norm_before_attn
+from ._builder import build_nam_model, reparameterize_nam
 from ._cfg import cifar_cfg, hub_id, nam_cfg
 
 __all__ = ['AttnResNet']
@@ -82,10 +82,18 @@ class AttnResNet(ResNet):
             self.maxpool = nn.Identity()
             for info in self.feature_info:
                 info['reduction'] = max(info['reduction'] // 4, 1)
+        for i in range(num_stages):
+            for block in getattr(self, f'layer{i + 1}'):
+                norm_before_attn(block.bn3 if isinstance(block, Bottleneck) else block.bn2, block.se)
         if stage_attn is not None:
             for i in stage_attn_stages:
                 stage = getattr(self, f'layer{i + 1}')
                 stage.append(create_stage_attn(stage_attn, self.feature_info[i + 1]['num_chs'], **dd))
+
+    def reparameterize(self) -> None:
+        """Fold every NAM gate for inference, in place (`timm_nam.NAMChannel.fuse`); what
+        `timm.utils.reparameterize_model` does to this model's children."""
+        reparameterize_nam(self)
 
 
 def _create_attn_resnet(variant: str, pretrained: bool = False, **kwargs) -> AttnResNet:
