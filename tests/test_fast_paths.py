@@ -11,13 +11,14 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
+from timm.layers import set_layer_config
 from timm.utils import reparameterize_model
 
 from timm_nam import NAM, NAMChannel, NAMGate, NAMSpatial, nam_weights
 from timm_nam.layers import BatchNorm2dForNAM
 from timm_nam.layers.nam_functional import channel_gate_train, pixel_gate_train, published_norm_output
 from timm_nam.layers.nam import pixel_batch_stats
-from tests.helpers import channel_reference, randomize_bn, spatial_reference
+from tests.helpers import channel_reference, randomize_bn
 
 
 def _nam_aware_bn(channels: int) -> nn.BatchNorm2d:
@@ -123,6 +124,24 @@ def test_training_gate_keeps_one_tensor_and_none_after_a_nam_aware_norm(make):
     assert _saved_full_size(lambda: layer(bn(y)), y.numel()) == 1  # ... and the gate keeps nothing more
     plain = nn.BatchNorm2d(8)
     assert _saved_full_size(lambda: layer(plain(y)), y.numel()) == 2
+
+
+def test_second_derivatives_take_timms_exportable_switch():
+    """The memory-efficient gate is once differentiable (a clear error, not a wrong number); timm's
+    ``set_layer_config(exportable=True)`` selects the reference formula, which autograd differentiates twice."""
+    layer = NAMChannel(4).double()
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match='differentiate twice'):
+        grad.sum().backward()
+    with set_layer_config(exportable=True):
+        (grad,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    assert grad.requires_grad
+    (second,) = torch.autograd.grad(grad.sum(), x)
+    ref_bn = copy.deepcopy(layer.bn)
+    xr = x.detach().requires_grad_()
+    (ref_grad,) = torch.autograd.grad(channel_reference(ref_bn, xr).square().sum(), xr, create_graph=True)
+    torch.testing.assert_close(second, torch.autograd.grad(ref_grad.sum(), xr)[0])
 
 
 def test_in_place_change_after_the_norm_falls_back_exactly():

@@ -12,9 +12,10 @@ where BN is a batch norm whose scale (gamma for channels, lambda for pixels) als
 sparsity penalty of Eq. 4 (see `timm_nam.penalty`).
 
 Implementation note: ``w * BN(x) = BN'(x)`` where BN' is the same normalization with scale
-``w * gamma`` and shift ``w * beta``. Passing those to one ``F.batch_norm`` call computes the gate's
-argument in a single pass (in eval mode: one per-channel affine), with gradients identical to the
-plain formula. The parameters and running statistics still live in an ordinary ``bn`` submodule, so
+``w * gamma`` and shift ``w * beta``, with gradients identical to the plain formula. In eval mode that is one
+per-channel (per-pixel) affine ``a * x + b``; ``fuse()`` folds it into a `NAMGate` for inference. In eager
+training an autograd Function keeps one full-size tensor, or none after a NAM-aware norm (all in
+`timm_nam.layers.nam_functional`). The parameters and running statistics live in an ordinary ``bn`` submodule, so
 state dicts keep the authors' layout (``bn.weight``, ``bn.bias``, ``bn.running_mean``, ...).
 """
 from typing import Optional, Tuple, Union
@@ -152,7 +153,8 @@ class NAMChannel(_NAMGate):
         factor = self._count_batch()
         if not torch.jit.is_scripting():
             if eager_fast_path(x):
-                return channel_gate_train(x, bn.weight * w, bn.bias * w, bn.running_mean, bn.running_var, factor, bn.eps)
+                return channel_gate_train(
+                    x, bn.weight * w, bn.bias * w, bn.running_mean, bn.running_var, factor, bn.eps)
         y = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight * w, bn.bias * w, True, factor, bn.eps)
         return nam_gate(x, y)
 
@@ -305,7 +307,8 @@ class NAMGate(nn.Module):
     ):
         super().__init__()
         if a.dim() != 4 or a.shape != b.shape:
-            raise ValueError(f'NAMGate needs a and b of one 4D broadcast shape, got {list(a.shape)} and {list(b.shape)}')
+            raise ValueError(
+                f'NAMGate needs a and b of one 4D broadcast shape, got {list(a.shape)} and {list(b.shape)}')
         self.channels = channels
         self.feat_size = None if feat_size is None else tuple(to_2tuple(feat_size))
         self.register_buffer('a', a.detach().clone())

@@ -19,8 +19,8 @@ import os
 from typing import NamedTuple, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
-from timm.layers import register_notrace_function
+from timm.layers import is_exportable, is_scriptable, register_notrace_function
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     'nam_gate', 'NormOutput', 'published_norm_output', 'channel_gate_train', 'pixel_gate_train', 'fold_gate',
@@ -32,12 +32,16 @@ NORM_OUTPUT_ATTR = '_nam_norm_output'
 
 
 def eager_fast_path(x: torch.Tensor) -> bool:
-    """True when ``x`` is a real tensor in eager execution: not scripting, not FX-tracing, not compiling. The
-    autograd Functions and the tensor attribute they read belong to eager mode; the other modes get the reference
-    formula, and autograd or inductor decide what to keep."""
+    """True when ``x`` is a real tensor in eager execution: not scripting, not FX-tracing, not compiling, and timm's
+    layer config not set to scriptable or exportable (``timm.layers.set_layer_config``, which also makes timm use
+    its plain activations instead of the memory-efficient ones). The autograd Functions (once differentiable) and
+    the tensor attribute they read belong to eager mode; everywhere else the reference formula runs, and autograd or
+    inductor decide what to keep."""
     if torch.jit.is_scripting():
         return False
-    return not isinstance(x, torch.fx.Proxy) and not torch.compiler.is_compiling()
+    if isinstance(x, torch.fx.Proxy) or torch.compiler.is_compiling():
+        return False
+    return not (is_scriptable() or is_exportable())
 
 
 @register_notrace_function
@@ -104,9 +108,9 @@ def triton_available() -> bool:
 
 
 def _kernels_apply(x: torch.Tensor) -> bool:
-    """Whether `timm_nam.layers.nam_triton` runs the gate on ``x``: a CUDA tensor (any tensor under Triton's
-    interpreter, ``TRITON_INTERPRET=1``), Triton present, and deterministic algorithms not requested (the backward
-    reduction accumulates with atomics), for float32 / float16 / bfloat16. Triton itself is imported only when a kernel runs."""
+    """Whether `timm_nam.layers.nam_triton` runs the gate on ``x``: a float32 / float16 / bfloat16 CUDA tensor (any
+    device under Triton's interpreter, ``TRITON_INTERPRET=1``), Triton present, and deterministic algorithms not
+    requested (the backward reduction accumulates with atomics). Triton is imported only when a kernel runs."""
     if not (x.is_cuda or os.environ.get('TRITON_INTERPRET') == '1') or x.dtype not in _KERNEL_DTYPES:
         return False
     return triton_available() and not torch.are_deterministic_algorithms_enabled()
@@ -141,6 +145,7 @@ class _GateFn(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # a second derivative raises a clear error instead of a wrong one
     def backward(ctx, grad):
         saved, weight, bias, mean, invstd, *pre = ctx.saved_tensors
         a = weight * invstd

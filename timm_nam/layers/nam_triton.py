@@ -19,11 +19,13 @@ import triton.language as tl
 __all__ = ['folded_gate_cuda', 'gate_backward_cuda']
 
 
+
 @triton.jit
 def _indices(offs, C, HW, CHANNELS_LAST: tl.constexpr):
     if CHANNELS_LAST:
         return offs % C, (offs // C) % HW
     return (offs // HW) % C, offs % HW
+
 
 @triton.jit
 def gate_fwd(x_ptr, a_ptr, b_ptr, out_ptr, numel, C, HW,
@@ -38,6 +40,7 @@ def gate_fwd(x_ptr, a_ptr, b_ptr, out_ptr, numel, C, HW,
     out = x * tl.sigmoid(a * x + b)
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
+
 @triton.jit
 def _grad_terms(src, grad, c, g, alpha_ptr, delta_ptr, a_ptr, b_ptr, mean_ptr, invstd_ptr, mask,
                 RECOMPUTE: tl.constexpr):
@@ -50,6 +53,7 @@ def _grad_terms(src, grad, c, g, alpha_ptr, delta_ptr, a_ptr, b_ptr, mean_ptr, i
     x_hat = (x - tl.load(mean_ptr + g, mask=mask)) * tl.load(invstd_ptr + g, mask=mask)
     grad_z = grad * x * s * (1.0 - s)
     return a, x_hat, grad * s, grad_z
+
 
 @triton.jit
 def _tile(src_ptr, grad_ptr, alpha_ptr, delta_ptr, a_ptr, b_ptr, mean_ptr, invstd_ptr, r, k, R, K, C, HW,
@@ -72,6 +76,7 @@ def _tile(src_ptr, grad_ptr, alpha_ptr, delta_ptr, a_ptr, b_ptr, mean_ptr, invst
     grad_z = tl.where(mask, grad_z, 0.)
     return grad_z, grad_z * x_hat
 
+
 @triton.jit
 def gate_bwd_reduce_rows(src_ptr, grad_ptr, alpha_ptr, delta_ptr, a_ptr, b_ptr, mean_ptr, invstd_ptr,
                          sum_ptr, sum_xhat_ptr, R, K, C, HW,
@@ -90,6 +95,7 @@ def gate_bwd_reduce_rows(src_ptr, grad_ptr, alpha_ptr, delta_ptr, a_ptr, b_ptr, 
     group = r % HW if CHANNELS_LAST else r % C
     tl.atomic_add(sum_ptr + group, acc, mask=r < R)
     tl.atomic_add(sum_xhat_ptr + group, acc_xhat, mask=r < R)
+
 
 @triton.jit
 def gate_bwd_reduce_cols(src_ptr, grad_ptr, alpha_ptr, delta_ptr, a_ptr, b_ptr, mean_ptr, invstd_ptr,
@@ -111,6 +117,7 @@ def gate_bwd_reduce_cols(src_ptr, grad_ptr, alpha_ptr, delta_ptr, a_ptr, b_ptr, 
         acc_xhat += tl.sum(gzx, axis=0)
     tl.atomic_add(sum_ptr + k, acc, mask=k < K)
     tl.atomic_add(sum_xhat_ptr + k, acc_xhat, mask=k < K)
+
 
 @triton.jit
 def gate_bwd_dx(src_ptr, grad_ptr, alpha_ptr, delta_ptr, a_ptr, b_ptr, mean_ptr, invstd_ptr,
@@ -172,10 +179,10 @@ def gate_backward_cuda(
         pre_scale: Optional[torch.Tensor] = None,
         pre_shift: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward of ``out = x · sigmoid(a·x̂' + ...)``: for the gate ``x · sigmoid(a·x + b)`` whose ``a·x + b`` is a
-    batch norm with statistics ``mean``, ``invstd`` (per group), returns ``(∂x, Σ∂z·x̂, Σ∂z)`` per group: the input
-    gradient and the gradients of the norm's effective scale and shift. ``src`` is ``x``, or the preceding norm's
-    input with ``x = pre_scale·src + pre_shift`` per channel."""
+    """Backward of the training gate ``x · sigmoid(z)``, ``z = a·x + b`` being a batch norm of ``x`` with batch
+    statistics ``mean``, ``invstd`` and effective scale ``a/invstd`` (per group): returns ``∂x`` and, per group,
+    ``Σ∂z·x̂`` and ``Σ∂z`` (the gradients of the norm's effective scale and shift). ``src`` is ``x``, or the
+    preceding norm's input with ``x = pre_scale·src + pre_shift`` per channel."""
     src, channels_last = _layout(src)
     grad = grad.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     n, c, h, w = src.shape
