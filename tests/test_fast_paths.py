@@ -214,6 +214,19 @@ def test_model_training_keeps_the_activations_of_the_plain_model(name, base):
     assert nam <= 1.01 * plain, (nam, plain)
 
 
+@pytest.mark.parametrize('name', ['resnet18_nam', 'mobilenetv2_100_nam_ch'])
+def test_training_with_grad_checkpointing_gives_the_same_gradients(name):
+    """timm's set_grad_checkpointing recomputes blocks in backward: the gate's saved tensors must match."""
+    model = timm.create_model(name, num_classes=5).train()
+    checkpointed = copy.deepcopy(model)
+    checkpointed.set_grad_checkpointing()
+    x = torch.randn(2, 3, 64, 64)
+    model(x).square().sum().backward()
+    checkpointed(x).square().sum().backward()
+    for (n, a), b in zip(model.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=n)
+
+
 def test_triton_kernels_under_the_interpreter():
     """The CUDA kernels, checked on this machine's CPU by Triton's interpreter (tests/test_triton_kernels.py)."""
     pytest.importorskip('triton')
