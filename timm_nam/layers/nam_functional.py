@@ -83,11 +83,22 @@ def _group_shape(x: torch.Tensor, per_pixel: bool) -> Tuple[int, int, int, int]:
     return (1, 1, x.shape[2], x.shape[3]) if per_pixel else (1, x.shape[1], 1, 1)
 
 
+def affine(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a·x + b`` with ``a``, ``b`` of shape (1, C, 1, 1) (per channel) or (1, 1, H, W) (per pixel), in ``x``'s
+    dtype. Per channel it is ATen's eval-mode batch norm with zero mean, unit variance and eps 0 (exact): one pass,
+    about twice as fast on a CPU as the broadcasting ``addcmul`` used per pixel."""
+    param_dtype = x.dtype if x.dtype == torch.float32 or x.dtype == torch.float64 else torch.float32
+    if a.shape[1] == x.shape[1] and a.shape[2] == 1 and a.shape[3] == 1:
+        a, b = a.reshape(-1).to(param_dtype), b.reshape(-1).to(param_dtype)
+        return torch.nn.functional.batch_norm(x, torch.zeros_like(a), torch.ones_like(a), a, b, False, 0., 0.)
+    return torch.addcmul(b.to(x.dtype), x, a.to(x.dtype))
+
+
 def _restore_input(saved: torch.Tensor, scale: Optional[torch.Tensor], shift: Optional[torch.Tensor]) -> torch.Tensor:
     """The gate's input: saved as is, or recomputed from the preceding norm's input (``scale·y + shift``)."""
     if scale is None:
         return saved
-    return torch.addcmul(_channel_view(shift), saved, _channel_view(scale)).to(saved.dtype)
+    return affine(saved, _channel_view(scale), _channel_view(shift))
 
 
 def _update_running_stats(running_mean, running_var, mean, var, n: int, factor: float) -> None:
@@ -136,7 +147,7 @@ class _GateFn(torch.autograd.Function):
                 from .nam_triton import folded_gate_cuda
                 out = folded_gate_cuda(x, a.view(shape), b.view(shape))
             else:
-                out = torch.addcmul(b.view(shape).to(x.dtype), x, a.view(shape).to(x.dtype)).sigmoid_().mul_(x)
+                out = affine(x, a.view(shape), b.view(shape)).sigmoid_().mul_(x)
         if norm is None:
             ctx.save_for_backward(x, weight, bias, mean, invstd)
         else:
@@ -164,13 +175,12 @@ class _GateFn(torch.autograd.Function):
 def _gate_backward(x, grad, weight, a, b, mean, invstd, per_pixel: bool):
     """PyTorch ops for `_GateFn.backward`: ``(∂x, ∂weight, ∂bias)``."""
     shape = _group_shape(x, per_pixel)
-    s = torch.addcmul(b.view(shape).to(x.dtype), x, a.view(shape).to(x.dtype)).sigmoid_()
-    grad_logits = torch.ops.aten.sigmoid_backward(grad * x, s)
-    grad_direct = s.mul_(grad)
-    if not per_pixel:  # ATen's batch-norm backward over (N, H, W)
+    s = affine(x, a.view(shape), b.view(shape)).sigmoid_()
+    grad_logits = torch.ops.aten.sigmoid_backward(grad * x, s)  # grad·x·s·(1 - s)
+    if not per_pixel:  # ATen's batch-norm backward over (N, H, W), plus the direct term grad·s
         grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
             grad_logits, x, weight, None, None, mean, invstd, True, 0., [True, True, True])
-        return grad_x.add_(grad_direct), grad_weight, grad_bias
+        return grad_x.addcmul_(s, grad), grad_weight, grad_bias
     # batch-norm backward over (N, C) for every pixel, in at least float32
     n = x.shape[0] * x.shape[1]
     acc = torch.promote_types(x.dtype, torch.float32)
@@ -179,7 +189,7 @@ def _gate_backward(x, grad, weight, a, b, mean, invstd, per_pixel: bool):
     sum_g = grad_logits.sum((0, 1))
     sum_gx = (grad_logits * x_hat).sum((0, 1))
     grad_x = (grad_logits - sum_g / n).sub_(x_hat.mul_(sum_gx / n)).mul_(a.view(shape))
-    return grad_x.to(x.dtype).add_(grad_direct), sum_gx.reshape(weight.shape), sum_g.reshape(weight.shape)
+    return grad_x.to(x.dtype).addcmul_(s, grad), sum_gx.reshape(weight.shape), sum_g.reshape(weight.shape)
 
 
 def channel_gate_train(
@@ -259,4 +269,4 @@ def folded_gate(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tens
     if not torch.jit.is_scripting():
         if _cuda_kernel_applies(x):
             return _folded_gate_cuda(x, a, b)
-    return nam_gate(x, torch.addcmul(b.to(x.dtype), x, a.to(x.dtype)))
+    return nam_gate(x, affine(x, a, b))
