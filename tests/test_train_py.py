@@ -1,6 +1,7 @@
 """timm's own, unmodified train.py with timm-nam: --device-modules timm_nam and the penalty as a model kwarg.
 
-train.py is not in timm's wheel: set TIMM_TRAIN_PY to its path (from timm's repository) to run these.
+train.py is not in timm's wheel: TIMM_TRAIN_PY names it (from timm's repository); without it the tests look for the
+unmodified copy kept beside this repository, ``../shared/upstream/timm-train.py``, and skip if there is none.
 The check: with plain SGD (no momentum, no weight decay, constant lr), a run with ``nam_penalty=p`` moves
 every NAM scale by ``-steps · lr · p · sign(γ)`` relative to the same run without it — under fp16 autocast
 with GradScaler, gradient accumulation, and torchrun with 2 processes.
@@ -10,13 +11,15 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from tests.helpers import make_image_folder
 
-TRAIN_PY = os.environ.get('TIMM_TRAIN_PY')
+_BESIDE = Path(__file__).resolve().parents[2] / 'shared' / 'upstream' / 'timm-train.py'
+TRAIN_PY = os.environ.get('TIMM_TRAIN_PY') or (str(_BESIDE) if _BESIDE.is_file() else None)
 pytestmark = pytest.mark.skipif(not TRAIN_PY, reason="set TIMM_TRAIN_PY to the path of timm's train.py")
 
 LR, P = 0.1, 0.05
