@@ -35,7 +35,8 @@ def exported(tmp_path_factory):
     return out
 
 
-def _hf_cache(tmp_path: Path, export: Path, weights: bytes = None, org_repo: str = REPO) -> Path:
+def _hf_cache(tmp_path: Path, export: Path, weights: bytes = None, org_repo: str = REPO,
+              with_weights: bool = True) -> Path:
     """Lay ``export`` out as huggingface_hub's cache: models--ORG--NAME/refs/main + snapshots/<rev>/..."""
     cache = tmp_path / 'hf_cache'
     repo_dir = cache / ('models--' + org_repo.replace('/', '--'))
@@ -44,7 +45,9 @@ def _hf_cache(tmp_path: Path, export: Path, weights: bytes = None, org_repo: str
     (repo_dir / 'refs').mkdir()
     (repo_dir / 'refs' / 'main').write_text(REVISION)
     (snap / 'config.json').write_bytes((export / 'config.json').read_bytes())
-    (snap / 'model.safetensors').write_bytes(weights if weights is not None else (export / 'model.safetensors').read_bytes())
+    if with_weights:
+        (snap / 'model.safetensors').write_bytes(
+            weights if weights is not None else (export / 'model.safetensors').read_bytes())
     return cache
 
 
@@ -75,7 +78,7 @@ def test_export_layout_and_card(exported):
     for line in ('library_name: timm', 'license: apache-2.0', '- imagenette', '- accuracy', '- nam'):
         assert line in front
     assert f"value: {metrics[-1]['val_top1']:.2f}" in front
-    assert f"timm.create_model('{TAG_MODEL}.{TAG}', pretrained=True)" in card
+    assert f"timm.create_model('hf-hub:{REPO}', pretrained=True)" in card
     assert 'seed 42' in card and 'epochs 1' in card and 'p = 0.001' in card
 
 
@@ -88,19 +91,19 @@ def test_pretrained_true_offline_through_timm_hub_loader(exported, tmp_path):
         import json, torch, timm
         x = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True)
         outs = {{}}
-        for name in ('{TAG_MODEL}.{TAG}', 'hf-hub:{REPO}', 'local-dir:{exported}'):
+        for name in ('hf-hub:{REPO}', 'local-dir:{exported}'):
             m = timm.create_model(name, pretrained=True).eval()
             with torch.no_grad():
                 outs[name] = m(x).tolist()
-        head = timm.create_model('{TAG_MODEL}.{TAG}', pretrained=True, num_classes=3).eval()
-        ref = timm.create_model('{TAG_MODEL}.{TAG}', pretrained=True).eval()
+        head = timm.create_model('hf-hub:{REPO}', pretrained=True, num_classes=3).eval()
+        ref = timm.create_model('hf-hub:{REPO}', pretrained=True).eval()
         with torch.no_grad():
             outs['head'] = [list(head(x).shape), (head.forward_features(x) - ref.forward_features(x)).abs().max().item()]
         print(json.dumps(outs))
     """, cache)
     assert proc.returncode == 0, proc.stderr[-3000:]
     outs = json.loads(proc.stdout.strip().splitlines()[-1])
-    for name in (f'{TAG_MODEL}.{TAG}', f'hf-hub:{REPO}', f'local-dir:{exported}'):
+    for name in (f'hf-hub:{REPO}', f'local-dir:{exported}'):
         torch.testing.assert_close(torch.tensor(outs[name]), expected, msg=name)
     assert outs['head'] == [[2, 3], 0.0]
 
@@ -126,33 +129,37 @@ def test_corrupt_weights_give_clear_errors(exported, tmp_path, damage, message):
         save_file(state, str(tmp_path / 'w.safetensors'))
         weights = (tmp_path / 'w.safetensors').read_bytes()
     cache = _hf_cache(tmp_path, exported, weights=weights)
-    proc = _offline(f"import timm; timm.create_model('{TAG_MODEL}.{TAG}', pretrained=True)", cache)
+    proc = _offline(f"import timm; timm.create_model('hf-hub:{REPO}', pretrained=True)", cache)
     assert proc.returncode != 0
     assert message in proc.stderr and detail in proc.stderr.lower() if damage == 'truncate' else detail in proc.stderr
 
 
-def test_missing_weights_offline_is_a_clear_error(tmp_path):
-    proc = _offline(f"import timm; timm.create_model('{TAG_MODEL}.{TAG}', pretrained=True)", tmp_path / 'empty')
+def test_missing_weights_offline_is_a_clear_error(exported, tmp_path):
+    cache = _hf_cache(tmp_path, exported, with_weights=False)  # config.json cached, weights not
+    proc = _offline(f"import timm; timm.create_model('hf-hub:{REPO}', pretrained=True)", cache)
     assert proc.returncode != 0
     assert f'Could not load pretrained weights for {TAG_MODEL} ({TAG} tag) from {REPO}' in proc.stderr
 
 
-def test_declared_tags_are_complete():
+def test_registered_tags_are_exactly_the_published_releases():
+    """timm.list_pretrained names a timm-nam tag only if its weights were published (hub_configs/README.md)."""
     ours = timm.list_models(module='efficientnet_nam') + timm.list_models(module='resnet_nam')
-    tags = [n for n in timm.list_pretrained('*') if '.' in n and n.split('.')[0] in ours]
-    assert f'{TAG_MODEL}.{TAG}' in tags
+    tags = {n for n in timm.list_pretrained('*') if '.' in n and n.split('.')[0] in ours}
+    folders = Path(__file__).parents[1] / 'hub_configs'
+    staged = {d.name for d in folders.iterdir() if d.is_dir()}
+    published = {name for name in staged if (folders / name / 'published.json').is_file()}
+    assert tags == published
+    assert {'mobilenetv2_nam.imagenette_r64', 'resnet50_nam.imagenette_r64'} <= staged - published
     for name in tags:
         cfg = timm.models.get_pretrained_cfg(name).to_dict()
-        assert cfg['hf_hub_id'].startswith(f'{HF_ORG}/') and cfg['hf_hub_id'] == hub_id(*name.split('.'))
-        for key in ('num_classes', 'classifier', 'first_conv', 'mean', 'std', 'input_size', 'crop_pct', 'license',
-                    'paper_ids', 'origin_url'):
-            assert cfg.get(key) is not None, (name, key)
-        model_name, tag = name.split('.')
-        card = Path(__file__).parents[1] / 'hub_configs' / name / 'README.md'
-        config = json.loads((card.parent / 'config.json').read_text())
-        assert card.is_file() and config['pretrained_cfg']['hf_hub_id'] == cfg['hf_hub_id']
+        record = json.loads((folders / name / 'published.json').read_text())
+        config = json.loads((folders / name / 'config.json').read_text())
+        assert cfg['hf_hub_id'] == hub_id(*name.split('.')) == record['repo_id'] and len(record['revision']) == 40
+        assert cfg['hf_hub_id'].startswith(f'{HF_ORG}/') and config['pretrained_cfg']['hf_hub_id'] == cfg['hf_hub_id']
         assert config['num_classes'] == cfg['num_classes']
         assert tuple(config['pretrained_cfg']['input_size']) == tuple(cfg['input_size'])
+        for key in ('classifier', 'first_conv', 'mean', 'std', 'crop_pct', 'license', 'paper_ids', 'origin_url'):
+            assert cfg.get(key) is not None, (name, key)
 
 
 def test_publish_dry_run_lists_exactly_the_files(exported, capsys):
@@ -210,12 +217,12 @@ def test_load_plain_timm_backbone_into_nam_model(tmp_path):
         load_backbone_weights(timm.create_model('resnet18_nam'), timm.create_model('resnet34').state_dict())
 
 
-def test_untagged_names_keep_the_imagenet_default_and_refuse_missing_weights():
+def test_untagged_names_are_the_imagenet_architectures_and_refuse_missing_weights():
     model = timm.create_model(TAG_MODEL)
     assert model.num_classes == 1000 and model.pretrained_cfg['input_size'] == (3, 224, 224)
-    tagged = timm.create_model(f'{TAG_MODEL}.{TAG}')
-    assert tagged.num_classes == 10 and tagged.img_size == (64, 64)
-    with pytest.raises(ValueError, match=f'trained tags: {TAG_MODEL}.{TAG}'):
+    with pytest.raises(RuntimeError, match=rf'Invalid pretrained tag \({TAG}\) for {TAG_MODEL}'):
+        timm.create_model(f'{TAG_MODEL}.{TAG}')  # staged, not published: not a registered tag
+    with pytest.raises(ValueError, match=f'{TAG_MODEL} has no pretrained weights.*no trained tags exist yet'):
         timm.create_model(TAG_MODEL, pretrained=True)
     with pytest.raises(ValueError, match='resnet18_nam has no pretrained weights'):
         timm.create_model('resnet18_nam', pretrained=True)

@@ -29,7 +29,7 @@ from timm.models.efficientnet import EfficientNet
 
 from ._attn import create_block_attn, create_stage_attn, norm_before_attn
 from ._builder import build_nam_model, reparameterize_nam
-from ._cfg import hub_id, nam_cfg
+from ._cfg import nam_cfg
 
 __all__ = ['AttnEfficientNet']
 
@@ -142,14 +142,11 @@ def _cfg(fixed: bool = False, **kwargs):
     return nam_cfg('conv_stem', 'classifier', fixed_input_size=fixed, interpolation='bicubic', **kwargs)
 
 
-# Untagged (ImageNet-shaped) cfgs stay the architectures' defaults. timm promotes the first tag with weights to
-# the default unless a later '<arch>.*' key claims it, so trained tags come first and '.*' marks the default.
+# A trained tag joins these cfgs when its weights are published (hub_configs/README.md). timm promotes the first
+# tag with weights to an architecture's default unless a later '<arch>.*' key claims it: a published tag goes
+# before an '<arch>.*' key so the untagged, ImageNet-shaped cfg stays the default.
 default_cfgs = generate_default_cfgs({
-    # trained by timm-nam train and exported (hub_configs/); CPU-scale, see its model card
-    'mobilenetv2_nam.imagenette_r64': _cfg(
-        fixed=True, hf_hub_id=hub_id('mobilenetv2_nam', 'imagenette_r64'), num_classes=10, input_size=(3, 64, 64),
-        pool_size=(2, 2), notes=('Imagenette, 64 px, 10 epochs on CPU: a pipeline demonstration',)),
-    'mobilenetv2_nam.*': _cfg(fixed=True),
+    'mobilenetv2_nam': _cfg(fixed=True),
     'mobilenetv2_100_nam': _cfg(fixed=True),
     'mobilenetv2_100_nam_ch': _cfg(),
     'mobilenetv2_140_nam': _cfg(fixed=True),

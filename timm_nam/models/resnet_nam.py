@@ -23,7 +23,7 @@ from timm.models.resnet import BasicBlock, Bottleneck
 
 from ._attn import create_block_attn, create_stage_attn, feat_size_at, norm_before_attn
 from ._builder import build_nam_model, reparameterize_nam
-from ._cfg import cifar_cfg, hub_id, nam_cfg
+from ._cfg import cifar_cfg, nam_cfg
 
 __all__ = ['AttnResNet']
 
@@ -108,18 +108,15 @@ def _rn_cifar_cfg(fixed: bool = False, **kwargs):
     return cifar_cfg('conv1', 'fc', fixed_input_size=fixed, **kwargs)
 
 
-# Trained tags come before the '.*' key that keeps the untagged ImageNet cfg the default (see efficientnet_nam.py).
+# A trained tag joins these cfgs when its weights are published (hub_configs/README.md; where it goes: see
+# efficientnet_nam.py); the untagged cfgs are the ImageNet-shaped architectures, without weights.
 default_cfgs = generate_default_cfgs({
     'resnet18_nam': _rn_cfg(),
     'resnet18_nam_sp': _rn_cfg(fixed=True),
     'resnet18_se': _rn_cfg(),
     'resnet18_cbam': _rn_cfg(),
     'resnet34_nam': _rn_cfg(),
-    # trained by timm-nam train and exported (hub_configs/); CPU-scale, see its model card
-    'resnet50_nam.imagenette_r64': _rn_cfg(
-        hf_hub_id=hub_id('resnet50_nam', 'imagenette_r64'), num_classes=10, input_size=(3, 64, 64), pool_size=(2, 2),
-        notes=('Imagenette, 64 px, 5 epochs on CPU: a pipeline demonstration',)),
-    'resnet50_nam.*': _rn_cfg(),
+    'resnet50_nam': _rn_cfg(),
     'resnet101_nam': _rn_cfg(),
     'resnet50_nam_sp': _rn_cfg(fixed=True),
     'resnet50_nam_chsp': _rn_cfg(fixed=True),
