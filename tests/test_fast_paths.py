@@ -2,6 +2,7 @@
 gradient, running statistics, what it keeps for backward), the NAM-aware norms before it, and the folded inference
 gate (`fuse()` / `timm.utils.reparameterize_model`)."""
 import copy
+import functools
 import os
 import subprocess
 import sys
@@ -154,13 +155,15 @@ def test_in_place_change_after_the_norm_falls_back_exactly():
     torch.testing.assert_close(layer(x), channel_reference(ref.bn, ref_bn(y) * 2), atol=1e-12, rtol=0)
 
 
-def test_norm_publishes_only_in_eager_training_with_grad():
+def test_norm_publishes_only_in_eager_training():
     bn = BatchNorm2dForNAM(4)
     y = torch.randn(2, 4, 3, 3)
     assert published_norm_output(bn(y)) is not None
-    with torch.no_grad():
-        assert published_norm_output(bn(y)) is None
+    with torch.no_grad():  # the same numbers with and without autograd (reentrant checkpoints rely on it)
+        assert published_norm_output(bn(y)) is not None
     assert published_norm_output(bn.eval()(y)) is None
+    with set_layer_config(exportable=True):
+        assert published_norm_output(bn.train()(y)) is None
 
 
 @pytest.mark.parametrize('momentum', [0.1, None])
@@ -215,13 +218,18 @@ def test_model_training_keeps_the_activations_of_the_plain_model(name, base):
 
 
 @pytest.mark.parametrize('name', ['resnet18_nam', 'mobilenetv2_100_nam_ch'])
-def test_training_with_grad_checkpointing_gives_the_same_gradients(name):
-    """timm's set_grad_checkpointing recomputes blocks in backward: the gate's saved tensors must match."""
+@pytest.mark.parametrize('reentrant', [False, True])
+def test_training_with_grad_checkpointing_gives_the_same_gradients(name, reentrant):
+    """Checkpointed blocks are recomputed in backward (timm's set_grad_checkpointing; the reentrant variant runs the
+    first forward without grad): the gate must give the same numbers in every run."""
     model = timm.create_model(name, num_classes=5).train()
     checkpointed = copy.deepcopy(model)
-    checkpointed.set_grad_checkpointing()
     x = torch.randn(2, 3, 64, 64)
     model(x).square().sum().backward()
+    blocks = ([b for s in (checkpointed.layer1, checkpointed.layer2, checkpointed.layer3, checkpointed.layer4)
+               for b in s] if hasattr(checkpointed, 'layer1') else [b for s in checkpointed.blocks for b in s])
+    for block in blocks:
+        block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=reentrant)
     checkpointed(x).square().sum().backward()
     for (n, a), b in zip(model.named_parameters(), checkpointed.parameters()):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=n)

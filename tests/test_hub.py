@@ -11,7 +11,7 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.helpers import make_image_folder
+from tests.helpers import TIMM_LOCAL_DIR, make_image_folder
 from timm_nam.hub import export_checkpoint, load_backbone_weights, publish, upload_plan
 from timm_nam.models._cfg import HF_ORG, hub_id
 
@@ -83,6 +83,7 @@ def test_export_layout_and_card(exported):
 
 
 def test_pretrained_true_offline_through_timm_hub_loader(exported, tmp_path):
+    names = [f'hf-hub:{REPO}'] + ([f'local-dir:{exported}'] if TIMM_LOCAL_DIR else [])
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     torch.save(x, tmp_path / 'x.pt')
     expected = _reference(exported, x)
@@ -91,7 +92,7 @@ def test_pretrained_true_offline_through_timm_hub_loader(exported, tmp_path):
         import json, torch, timm
         x = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True)
         outs = {{}}
-        for name in ('hf-hub:{REPO}', 'local-dir:{exported}'):
+        for name in {names!r}:
             m = timm.create_model(name, pretrained=True).eval()
             with torch.no_grad():
                 outs[name] = m(x).tolist()
@@ -103,7 +104,7 @@ def test_pretrained_true_offline_through_timm_hub_loader(exported, tmp_path):
     """, cache)
     assert proc.returncode == 0, proc.stderr[-3000:]
     outs = json.loads(proc.stdout.strip().splitlines()[-1])
-    for name in (f'hf-hub:{REPO}', f'local-dir:{exported}'):
+    for name in names:
         torch.testing.assert_close(torch.tensor(outs[name]), expected, msg=name)
     assert outs['head'] == [[2, 3], 0.0]
 

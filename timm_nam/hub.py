@@ -16,6 +16,8 @@ from typing import Dict, List, Optional, Union
 import timm
 import torch
 import torch.nn as nn
+from timm.models._hub import save_for_hf  # not re-exported by timm.models before 1.0.16
+from timm.models._pretrained import filter_pretrained_cfg
 
 from .flops import count_flops
 from .layers import NAMChannel, NAMSpatial
@@ -58,11 +60,20 @@ def export_checkpoint(checkpoint, out_dir, tag: str, dataset_name: Optional[str]
     labels = _label_names(args.get('data_dir'))
     if labels and len(labels) == model.num_classes:
         model_config['label_names'] = labels
-    model_config['pretrained_cfg'] = {
+    # The whole cfg, not only what changes: timm before 1.0.2x writes model_config['pretrained_cfg'] in place of the
+    # model's cfg, later releases merge it into that cfg.
+    pretrained_cfg = filter_pretrained_cfg(model.pretrained_cfg, remove_source=True, remove_null=True)
+    pretrained_cfg.pop('architecture', None)
+    pretrained_cfg.update({
         'hf_hub_id': hub_id(name, tag), 'tag': tag, 'input_size': (3, img_size, img_size),
         'crop_pct': 1.0 if args['recipe']['aug'] == 'cifar' else model.pretrained_cfg.get('crop_pct', 0.875),
-    }
-    timm.models.save_for_hf(model, out_dir, model_config=model_config, safe_serialization=True)
+    })
+    if tuple(pretrained_cfg['input_size']) != tuple(model.pretrained_cfg['input_size']):
+        pretrained_cfg.pop('pool_size', None)
+    model_config['pretrained_cfg'] = pretrained_cfg
+    # the input size a fixed-size model was built for (timm >= 1.0.2x records constructor args itself; older not)
+    model_args = {'img_size': list(model.img_size)} if hasattr(model, 'img_size') else None
+    save_for_hf(model, out_dir, model_config=model_config, model_args=model_args, safe_serialization=True)
     (out_dir / 'training_args.json').write_text(json.dumps(args, indent=1))
     (out_dir / 'training_metrics.json').write_text(json.dumps(metrics, indent=1))
     card = render_model_card(model, name, tag, args, metrics, dataset_name, Path(checkpoint).name)

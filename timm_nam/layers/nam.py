@@ -23,8 +23,9 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import register_notrace_function, to_2tuple
+from timm.layers import to_2tuple
 
+from ._compat import register_notrace_function
 from .nam_functional import (
     channel_gate_train, eager_fast_path, fold_gate, folded_gate, nam_gate, pixel_gate_train)
 

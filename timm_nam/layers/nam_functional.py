@@ -19,8 +19,10 @@ import os
 from typing import NamedTuple, Optional, Tuple
 
 import torch
-from timm.layers import is_exportable, is_scriptable, register_notrace_function
+from timm.layers import is_exportable, is_scriptable
 from torch.autograd.function import once_differentiable
+
+from ._compat import register_notrace_function
 
 __all__ = [
     'nam_gate', 'NormOutput', 'published_norm_output', 'channel_gate_train', 'pixel_gate_train', 'fold_gate',

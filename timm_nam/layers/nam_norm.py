@@ -7,7 +7,7 @@ relation to their input (``x = scale·y + shift``) and the batch mean and varian
 `timm_nam.layers.nam_functional.NormOutput`). The gate then keeps the norm's input ``y`` for its backward (the
 norm keeps ``y`` anyway) and recomputes ``x`` from it, and takes its own batch statistics from the norm's.
 
-Anything else (eval mode, no grad, scripting, FX, torch.compile, an in-place change of the output, a norm
+Anything else (eval mode, scripting, FX, torch.compile, an in-place change of the output, a norm
 replaced by timm's ``freeze_batch_norm_2d`` or ``convert_sync_batchnorm``) leaves the output unmarked and the gate
 falls back to keeping its input: still exact, one full-size tensor more.
 """
@@ -15,8 +15,9 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-from timm.layers import BatchNormAct2d, register_notrace_module
+from timm.layers import BatchNormAct2d
 
+from ._compat import register_notrace_module
 from .nam_functional import NORM_OUTPUT_ATTR, NormOutput, eager_fast_path
 
 __all__ = ['BatchNorm2dForNAM', 'BatchNormAct2dForNAM', 'for_nam']
@@ -25,7 +26,9 @@ _batch_norm_with_stats = getattr(torch.ops.aten, '_batch_norm_with_update', None
 
 
 def _publishing(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> bool:
-    return (bn.training and bn.track_running_stats and bn.running_mean is not None and torch.is_grad_enabled()
+    # also without grad: a gate must compute the same numbers whether or not autograd records (a reentrant
+    # checkpoint runs the forward without grad, then again with it, and needs both runs to agree)
+    return (bn.training and bn.track_running_stats and bn.running_mean is not None
             and eager_fast_path(x) and x.dim() == 4 and x.numel() > x.shape[1])
 
 

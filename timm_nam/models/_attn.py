@@ -40,6 +40,7 @@ def _check_kind(kind: str, kinds: dict, what: str) -> None:
 def create_block_attn(kind: str, channels: int, feat_size: Optional[Tuple[int, int]] = None, **dd) -> nn.Module:
     """Build the attention of ``kind`` for a block with ``channels`` outputs of size ``feat_size``."""
     _check_kind(kind, BLOCK_ATTN_KINDS, 'block attention')
+    dd = _given(dd)
     if kind == 'nam_ch':
         return NAMChannel(channels, **dd)
     if kind == 'nam_sp':
@@ -63,7 +64,12 @@ def norm_before_attn(norm: nn.Module, attn: Optional[nn.Module]) -> nn.Module:
 
 def create_stage_attn(kind: str, channels: int, **dd) -> nn.Module:
     _check_kind(kind, STAGE_ATTN_KINDS, 'stage attention')
-    return BAM(channels, **dd)
+    return BAM(channels, **_given(dd))
+
+
+def _given(dd: dict) -> dict:
+    """The factory kwargs (device, dtype) actually set: timm releases before 1.0.2x build SE and CBAM without them."""
+    return {k: v for k, v in dd.items() if v is not None}
 
 
 def feat_size_at(img_size: Tuple[int, int], reduction: int) -> Tuple[int, int]:

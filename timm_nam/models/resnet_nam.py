@@ -77,7 +77,8 @@ class AttnResNet(ResNet):
         dd = dict(device=kwargs.get('device'), dtype=kwargs.get('dtype'))
         if cifar_stem:
             stem_chs = self.conv1.out_channels
-            self.conv1 = nn.Conv2d(self.in_chans, stem_chs, kernel_size=3, stride=1, padding=1, bias=False, **dd)
+            in_chans = kwargs.get('in_chans', 3)
+            self.conv1 = nn.Conv2d(in_chans, stem_chs, kernel_size=3, stride=1, padding=1, bias=False, **dd)
             nn.init.kaiming_normal_(self.conv1.weight, mode='fan_out', nonlinearity='relu')
             self.maxpool = nn.Identity()
             for info in self.feature_info:
