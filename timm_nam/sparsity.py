@@ -64,7 +64,10 @@ def render_stats(rows: List[Dict], thresholds: Sequence[float] = DEFAULT_THRESHO
 
 def plot_stats(rows: List[Dict], path, title: str = '') -> None:
     """Box plots of log10|scale| per layer, one panel per kind (matplotlib, PNG)."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError("plots need matplotlib: pip install 'timm-nam[plot]'") from e
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 

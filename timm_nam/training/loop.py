@@ -24,7 +24,10 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import MultiStepLRScheduler, create_scheduler_v2
 from timm.utils import ModelEmaV3, accuracy
 from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
+try:  # progress bars come with the 'train' extra; without it, one line per epoch
+    from tqdm import tqdm
+except ImportError:
+    tqdm = None
 
 from ..penalty import NAMSparsityLoss, nam_scales, paper_penalty
 from .checkpoint import (
@@ -257,8 +260,9 @@ def train(cfg: TrainConfig) -> List[dict]:
         start = time.perf_counter()
         num_images = 0
         batches = iter(train_batches)
-        bar = tqdm(range(steps_per_epoch), desc=f'epoch {epoch + 1}/{num_epochs}', disable=not is_main,
-                   dynamic_ncols=True, leave=False)
+        bar = range(steps_per_epoch) if tqdm is None else tqdm(
+            range(steps_per_epoch), desc=f'epoch {epoch + 1}/{num_epochs}', disable=not is_main, dynamic_ncols=True,
+            leave=False)
         for step in bar:
             optimizer.zero_grad(set_to_none=True)
             for k in range(accum):
@@ -286,9 +290,11 @@ def train(cfg: TrainConfig) -> List[dict]:
             if model_ema is not None:
                 model_ema.update(model, step=epoch * steps_per_epoch + step)
             scheduler.step_update(epoch * steps_per_epoch + step + 1)
-            elapsed = time.perf_counter() - start
-            bar.set_postfix(loss=f'{loss_m.avg:.3f}', acc=f'{top1_m.avg:.1f}', img_s=f'{num_images / elapsed:.0f}')
-        bar.close()
+            if tqdm is not None:
+                elapsed = time.perf_counter() - start
+                bar.set_postfix(loss=f'{loss_m.avg:.3f}', acc=f'{top1_m.avg:.1f}', img_s=f'{num_images / elapsed:.0f}')
+        if tqdm is not None:
+            bar.close()
         epoch_time = time.perf_counter() - start
         scheduler.step(epoch + 1)
 
@@ -317,7 +323,7 @@ def train(cfg: TrainConfig) -> List[dict]:
                 scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler is not None else {},
                 rng=rng_state())
             _write_metrics(out, rows)
-            tqdm.write(f'epoch {epoch + 1}/{num_epochs}: loss {row["train_loss"]:.4f} (+penalty '
+            (print if tqdm is None else tqdm.write)(f'epoch {epoch + 1}/{num_epochs}: loss {row["train_loss"]:.4f} (+penalty '
                        f'{row["train_penalty"]:.4f}) train top1 {row["train_top1"]:.2f} | val top1 {val["top1"]:.2f} '
                        f'top5 {val["top5"]:.2f} | {row["img_per_s"]:.0f} img/s')
         if distributed:
