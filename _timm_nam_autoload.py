@@ -12,6 +12,7 @@ the group in its metadata::
 
 Set ``TIMM_DISABLE_PLUGINS=1`` to switch this off (then ``import timm_nam`` registers the models).
 """
+
 import os
 import sys
 
@@ -44,7 +45,7 @@ def load_plugins() -> list:
             ep.load()
             loaded.append(ep.name)
         except Exception as e:  # a broken plugin must not break `import timm`
-            warnings.warn(f'timm plugin {ep.name!r} ({ep.value}) failed to load: {e!r}', RuntimeWarning)
+            warnings.warn(f'timm plugin {ep.name!r} ({ep.value}) failed to load: {e!r}', RuntimeWarning, stacklevel=2)
     return loaded
 
 
@@ -67,6 +68,7 @@ class _LoadPluginsAfter:
 
 class TimmPluginFinder:
     """One-shot meta path finder for ``timm``: it defers to the other finders and wraps the loader."""
+
     timm_plugin_finder = True
 
     def find_spec(self, fullname, path=None, target=None):

@@ -4,6 +4,7 @@ The .pth line makes timm load ``timm.plugins`` entry points when it is imported 
 ``_timm_nam_autoload.py``). It is generated here, for regular and editable wheels alike, rather than
 kept in git.
 """
+
 import os
 import tempfile
 

@@ -1,8 +1,9 @@
-""" The NAM authors' channel attention, as written in their repository (Christian-lyc/NAM, ``Channel_Att``).
+"""The NAM authors' channel attention, as written in their repository (Christian-lyc/NAM, ``Channel_Att``).
 
 Kept only as the speed baseline "authors' plain formula" for bench_attention.py; the library's own NAM is
 `timm_nam.NAMChannel`. Numerically it equals NAMChannel (tests/test_layers.py checks the formula).
 """
+
 import torch
 import torch.nn as nn
 

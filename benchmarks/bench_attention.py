@@ -1,4 +1,4 @@
-""" Speed and memory of NAM against no attention, SE, CBAM and the authors' plain NAM formula.
+"""Speed and memory of NAM against no attention, SE, CBAM and the authors' plain NAM formula.
 
 For ResNet-50 and MobileNetV2: inference throughput as built and after ``timm.utils.reparameterize_model`` (NAM
 folded to ``x·sigmoid(a·x + b)``), training throughput (images/s), training memory, parameters, FLOPs and the
@@ -7,10 +7,12 @@ noisy), several rounds, and each ratio to the base model is the median of per-ro
 the base model too. Writes a markdown table and a CSV (with machine, versions and date) to --out.
 
     python benchmarks/bench_attention.py                     # CPU: batch 8, 224 px, eager
-    python benchmarks/bench_attention.py --compile --families resnet50 --variants SE "NAM (ours)" --name bench_cpu_compile
+    python benchmarks/bench_attention.py --compile --families resnet50 --variants SE "NAM (ours)" \
+        --name bench_cpu_compile
     python benchmarks/bench_attention.py --device cuda --amp --channels-last --compile --batch-size 256
     bash benchmarks/run_gpu.sh eager|compile            # the GPU tables as committed
 """
+
 import argparse
 import csv
 import datetime
@@ -33,6 +35,7 @@ from authors_nam import AuthorsChannelAtt  # noqa: E402
 import timm_nam  # noqa: E402
 from timm_nam.flops import count_flops  # noqa: E402
 from timm_nam.penalty import NAMSparsityLoss  # noqa: E402
+
 
 class SigmoidFloor(nn.Module):
     """Not attention: ``x.sigmoid_()`` in place, the least any gate that computes one sigmoid per element can
@@ -88,8 +91,12 @@ def machine_info(device: torch.device) -> dict:
         pass
     info = {
         'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
-        'cpu': cpu, 'cores': os.cpu_count(), 'threads': torch.get_num_threads(),
-        'python': platform.python_version(), 'torch': torch.__version__, 'timm': timm.__version__,
+        'cpu': cpu,
+        'cores': os.cpu_count(),
+        'threads': torch.get_num_threads(),
+        'python': platform.python_version(),
+        'torch': torch.__version__,
+        'timm': timm.__version__,
         'device': str(device),
     }
     if device.type == 'cuda':
@@ -114,7 +121,9 @@ class Runner:
         self.model.to(device)
         fmt = torch.channels_last if args.channels_last else torch.contiguous_format
         self.model.to(memory_format=fmt)
-        self.x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device).contiguous(memory_format=fmt)
+        self.x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device).contiguous(
+            memory_format=fmt
+        )
         self.y = torch.randint(0, 1000, (args.batch_size,), device=device)
         self.device = device
         self.amp = args.amp
@@ -174,7 +183,7 @@ class Runner:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.train_step(self.loss_pen)
             _sync(self.device)
-            return torch.cuda.max_memory_allocated(self.device) / 2 ** 20
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
         saved = {}
 
         def pack(t):
@@ -185,7 +194,7 @@ class Runner:
             with self._autocast():
                 loss = self.loss_pen(self.model_fwd(self.x), self.y)
         loss.backward()
-        return sum(saved.values()) / 2 ** 20
+        return sum(saved.values()) / 2**20
 
     def penalty_seconds(self, iters=50):
         """Time of the penalty's forward and backward alone (it is a separate term of the loss)."""
@@ -204,7 +213,7 @@ def run_family(family, args, device):
     for name, make in VARIANTS[family]:
         if args.variants and name not in args.variants and name != 'base':
             continue
-        for compiled in ([False, True] if args.compile else [False]):
+        for compiled in [False, True] if args.compile else [False]:
             args.compile_variant = compiled
             label = name + (' +compile' if compiled else '')
             runners.append(Runner(label, make, args, device))
@@ -236,51 +245,60 @@ def run_family(family, args, device):
         mode = ' +compile' if r.name.endswith('+compile') else ''
         b = base[mode]
         mem, base_mem = memory[r.name], memory['base' + mode]
-        rows.append({
-            'family': family,
-            'variant': r.name,
-            'params_M': r.params / 1e6,
-            'flops_G': r.flops / 1e9,
-            'infer_img_s': statistics.median(res['infer']),
-            'infer_ratio': statistics.median(a / c for a, c in zip(res['infer'], b['infer'])),
-            'fused_img_s': statistics.median(res['fused']),
-            'fused_ratio': statistics.median(a / c for a, c in zip(res['fused'], b['infer'])),
-            'train_img_s': statistics.median(res['train']) if res['train'] else None,
-            'train_ratio': statistics.median(a / c for a, c in zip(res['train'], b['train'])) if res['train'] else None,
-            'memory_MB': mem,
-            'memory_ratio': None if mem is None or base_mem is None else mem / base_mem,
-            'penalty_share_pct': 100 * statistics.median(res['pen']) if res['pen'] else None,
-        })
+        rows.append(
+            {
+                'family': family,
+                'variant': r.name,
+                'params_M': r.params / 1e6,
+                'flops_G': r.flops / 1e9,
+                'infer_img_s': statistics.median(res['infer']),
+                'infer_ratio': statistics.median(a / c for a, c in zip(res['infer'], b['infer'])),
+                'fused_img_s': statistics.median(res['fused']),
+                'fused_ratio': statistics.median(a / c for a, c in zip(res['fused'], b['infer'])),
+                'train_img_s': statistics.median(res['train']) if res['train'] else None,
+                'train_ratio': statistics.median(a / c for a, c in zip(res['train'], b['train']))
+                if res['train']
+                else None,
+                'memory_MB': mem,
+                'memory_ratio': None if mem is None or base_mem is None else mem / base_mem,
+                'penalty_share_pct': 100 * statistics.median(res['pen']) if res['pen'] else None,
+            }
+        )
     return rows
 
 
 def to_markdown(rows, info, args) -> str:
-    mem = 'peak CUDA memory of a training step' if info['device'].startswith('cuda') else \
-        'activations saved for backward in one training step'
-    processes = f" in each of {info['processes']} processes (medians over them)" if info.get('processes') else ''
+    mem = (
+        'peak CUDA memory of a training step'
+        if info['device'].startswith('cuda')
+        else 'activations saved for backward in one training step'
+    )
+    processes = f' in each of {info["processes"]} processes (medians over them)' if info.get('processes') else ''
     lines = [
-        f"Measured {info['date']} on {info.get('gpu', info['cpu'])} ({info['cores']} cores, {info['threads']} torch "
-        f"threads), torch {info['torch']}, timm {info['timm']}, python {info['python']}.",
-        f"Batch {args.batch_size}, {args.img_size} px, {f'AMP {args.amp_dtype}, ' if args.amp else ''}"
-        f"{'channels-last, ' if args.channels_last else ''}{args.rounds} rounds x {args.iters} iterations"
-        f"{processes}, "
+        f'Measured {info["date"]} on {info.get("gpu", info["cpu"])} ({info["cores"]} cores, {info["threads"]} torch '
+        f'threads), torch {info["torch"]}, timm {info["timm"]}, python {info["python"]}.',
+        f'Batch {args.batch_size}, {args.img_size} px, {f"AMP {args.amp_dtype}, " if args.amp else ""}'
+        f'{"channels-last, " if args.channels_last else ""}{args.rounds} rounds x {args.iters} iterations'
+        f'{processes}, '
         'medians; ratios are per-round ratios to the base model in the same mode (eager or compiled).',
         f'Memory: {mem}. Reparameterized: inference after `timm.utils.reparameterize_model` (NAM folded; the '
         'other models are unchanged by it), ratio to the base model as built. Penalty: share of a training step '
-        'spent on the NAM sparsity penalty (p=1e-4).', '',
+        'spent on the NAM sparsity penalty (p=1e-4).',
+        '',
         '| model | variant | params | FLOPs | inference img/s | vs base | reparameterized img/s | vs base '
         '| training img/s | vs base | memory MB | vs base | penalty share |',
         '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
     ]
     for r in rows:
-        pen = '—' if r['penalty_share_pct'] is None else f"{r['penalty_share_pct']:.2f}%"
-        mem = '—' if r['memory_MB'] is None else f"{r['memory_MB']:.0f}"
-        mem_ratio = '—' if r.get('memory_ratio') is None else f"{r['memory_ratio']:.3f}x"
-        train = '— | —' if r['train_img_s'] is None else f"{r['train_img_s']:.1f} | {r['train_ratio']:.3f}x"
+        pen = '—' if r['penalty_share_pct'] is None else f'{r["penalty_share_pct"]:.2f}%'
+        mem = '—' if r['memory_MB'] is None else f'{r["memory_MB"]:.0f}'
+        mem_ratio = '—' if r.get('memory_ratio') is None else f'{r["memory_ratio"]:.3f}x'
+        train = '— | —' if r['train_img_s'] is None else f'{r["train_img_s"]:.1f} | {r["train_ratio"]:.3f}x'
         lines.append(
-            f"| {r['family']} | {r['variant']} | {r['params_M']:.2f}M | {r['flops_G']:.3f}G | {r['infer_img_s']:.1f} "
-            f"| {r['infer_ratio']:.3f}x | {r['fused_img_s']:.1f} | {r['fused_ratio']:.3f}x "
-            f"| {train} | {mem} | {mem_ratio} | {pen} |")
+            f'| {r["family"]} | {r["variant"]} | {r["params_M"]:.2f}M | {r["flops_G"]:.3f}G | {r["infer_img_s"]:.1f} '
+            f'| {r["infer_ratio"]:.3f}x | {r["fused_img_s"]:.1f} | {r["fused_ratio"]:.3f}x '
+            f'| {train} | {mem} | {mem_ratio} | {pen} |'
+        )
     return '\n'.join(lines) + '\n'
 
 
@@ -298,12 +316,16 @@ def main(argv=None):
     p.add_argument('--rounds', type=int, default=5)
     p.add_argument('--iters', type=int, default=3)
     p.add_argument('--warmup', type=int, default=2)
-    p.add_argument('--processes', type=int, default=1,
-                   help='run the whole benchmark in this many fresh processes, one after another, and report the '
-                        'median of each number over them (a noisy CPU moves one process\'s medians by several %%)')
+    p.add_argument(
+        '--processes',
+        type=int,
+        default=1,
+        help='run the whole benchmark in this many fresh processes, one after another, and report the '
+        "median of each number over them (a noisy CPU moves one process's medians by several %%)",
+    )
     p.add_argument('--out', default='results/benchmarks', help='output directory')
     p.add_argument('--name', help='file name stem (default: bench_<device>)')
-    p.add_argument('--render', metavar='JSON', help='only re-render the markdown of an earlier run\'s .json')
+    p.add_argument('--render', metavar='JSON', help="only re-render the markdown of an earlier run's .json")
     args = p.parse_args(argv)
     if args.render:
         saved = json.loads(Path(args.render).read_text())
@@ -326,13 +348,24 @@ def main(argv=None):
     stem = args.name or f'bench_{device.type}'
     (out / f'{stem}.md').write_text(to_markdown(rows, info, args))
     with open(out / f'{stem}.csv', 'w', newline='') as f:
-        fields = list(dict.fromkeys(k for r in rows for k in r)) + list(info) + [
-            'batch_size', 'img_size', 'amp', 'channels_last']
+        fields = (
+            list(dict.fromkeys(k for r in rows for k in r))
+            + list(info)
+            + ['batch_size', 'img_size', 'amp', 'channels_last']
+        )
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for r in rows:
-            writer.writerow({**r, **info, 'batch_size': args.batch_size, 'img_size': args.img_size, 'amp': args.amp,
-                             'channels_last': args.channels_last})
+            writer.writerow(
+                {
+                    **r,
+                    **info,
+                    'batch_size': args.batch_size,
+                    'img_size': args.img_size,
+                    'amp': args.amp,
+                    'channels_last': args.channels_last,
+                }
+            )
     (out / f'{stem}.json').write_text(json.dumps({'machine': info, 'args': vars(args), 'rows': rows}, indent=1))
     print(f'wrote {out / (stem + ".md")} and .csv/.json')
 
@@ -341,6 +374,7 @@ def _run_in_processes(argv, processes: int) -> list:
     """Rows of ``processes`` separate runs, each number the median over the runs (``<key>_runs`` keeps them all)."""
     import subprocess
     import tempfile
+
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(processes):

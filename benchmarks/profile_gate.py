@@ -1,4 +1,4 @@
-""" Where a ResNet-50 step spends its device time with and without NAM: torch.profiler's kernel table.
+"""Where a ResNet-50 step spends its device time with and without NAM: torch.profiler's kernel table.
 
 For plain ResNet-50 and ResNet-50 NAM (as built and reparameterized), eager and compiled, inference and training,
 profiles a few steps and writes the top kernels by total device time, their count per step and the step's total
@@ -6,6 +6,7 @@ kernel time. The difference between a NAM row and the plain row of the same mode
 
     python benchmarks/profile_gate.py --device cuda --amp --channels-last --batch-size 256
 """
+
 import argparse
 import collections
 import datetime
@@ -21,8 +22,11 @@ import timm_nam  # noqa: F401  registers the models
 
 
 def _cases(compiled: bool):
-    for label, name, fused in (('resnet50', 'resnet50', False), ('resnet50_nam', 'resnet50_nam', False),
-                               ('resnet50_nam reparameterized', 'resnet50_nam', True)):
+    for label, name, fused in (
+        ('resnet50', 'resnet50', False),
+        ('resnet50_nam', 'resnet50_nam', False),
+        ('resnet50_nam reparameterized', 'resnet50_nam', True),
+    ):
         yield label + (' +compile' if compiled else ''), name, fused
 
 
@@ -81,12 +85,15 @@ def main():
     args = p.parse_args()
     device = torch.device(args.device)
     where = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'
-    lines = [f"Profiled {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on {where}, torch "
-             f"{torch.__version__}, timm {timm.__version__}: batch {args.batch_size}, 224 px, "
-             f"{'AMP bf16, ' if args.amp else ''}{'channels-last, ' if args.channels_last else ''}{args.steps} steps "
-             "per case; times are per step, in ms of kernel time (self CPU time on a CPU).", '']
+    lines = [
+        f'Profiled {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on {where}, torch '
+        f'{torch.__version__}, timm {timm.__version__}: batch {args.batch_size}, 224 px, '
+        f'{"AMP bf16, " if args.amp else ""}{"channels-last, " if args.channels_last else ""}{args.steps} steps '
+        'per case; times are per step, in ms of kernel time (self CPU time on a CPU).',
+        '',
+    ]
     for training in (False, True):
-        for compiled in ((False,) if args.no_compile else (False, True)):
+        for compiled in (False,) if args.no_compile else (False, True):
             for label, name, fused in _cases(compiled):
                 if training and fused:
                     continue
@@ -94,12 +101,17 @@ def main():
                 totals, counts = profile_case(name, fused, training, compiled, args, device)
                 total = sum(totals.values()) / args.steps / 1e3
                 kernels = sum(counts.values()) / args.steps
-                lines += [f"### {label}, {'training' if training else 'inference'}: {total:.2f} ms, "
-                          f"{kernels:.0f} kernels per step", '', '| kernel | ms/step | count/step |', '|---|---:|---:|']
+                lines += [
+                    f'### {label}, {"training" if training else "inference"}: {total:.2f} ms, '
+                    f'{kernels:.0f} kernels per step',
+                    '',
+                    '| kernel | ms/step | count/step |',
+                    '|---|---:|---:|',
+                ]
                 for key, t in totals.most_common(args.top):
-                    lines.append(f"| `{key[:90]}` | {t / args.steps / 1e3:.3f} | {counts[key] / args.steps:.0f} |")
+                    lines.append(f'| `{key[:90]}` | {t / args.steps / 1e3:.3f} | {counts[key] / args.steps:.0f} |')
                 lines.append('')
-                print('\n'.join(lines[-(args.top + 4):]), flush=True)
+                print('\n'.join(lines[-(args.top + 4) :]), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f'profile_{device.type}.md').write_text('\n'.join(lines) + '\n')

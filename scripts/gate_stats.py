@@ -1,7 +1,8 @@
 """How far do NAM's gates move from 0.5? Gate values sigmoid(w·BN(x)) of every NAM layer on a few val images.
 
-    python scripts/gate_stats.py DATA_ROOT RUN_DIR [RUN_DIR ...] [--images 10] > gate_stats.md
+python scripts/gate_stats.py DATA_ROOT RUN_DIR [RUN_DIR ...] [--images 10] > gate_stats.md
 """
+
 import argparse
 
 import torch
@@ -32,6 +33,7 @@ def main():
             def record(module, inputs, out):
                 gate = (out / inputs[0])[inputs[0].abs() > 1e-3]  # out = gate * input
                 stats[kind].append((gate.min().item(), gate.max().item(), gate.std().item()))
+
             return record
 
         for m in model.modules():
@@ -41,8 +43,10 @@ def main():
             model(x)
         for kind, rows in stats.items():
             if rows:
-                print(f'| {run.rstrip("/").split("/")[-1]} | {kind} | {min(r[0] for r in rows):.4f} | '
-                      f'{max(r[1] for r in rows):.4f} | {sum(r[2] for r in rows) / len(rows):.4f} |')
+                print(
+                    f'| {run.rstrip("/").split("/")[-1]} | {kind} | {min(r[0] for r in rows):.4f} | '
+                    f'{max(r[1] for r in rows):.4f} | {sum(r[2] for r in rows) / len(rows):.4f} |'
+                )
 
 
 if __name__ == '__main__':

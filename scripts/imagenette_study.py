@@ -19,6 +19,7 @@ One recipe per family; NAM models get the paper's penalty (1e-3 MobileNetV2, 1e-
 
     python scripts/imagenette_study.py --data-dir ... --family resnet50_cifar --seeds 1 --workers 12 --max-runs 2
 """
+
 import argparse
 import csv
 import hashlib
@@ -37,27 +38,81 @@ from timm_nam.flops import count_flops
 
 # --sched-on-updates: with per-epoch warmup, seed 2 collapsed for every model (results/imagenette_study/README.md);
 # rows made without it stay in runs.csv as their own recipe group.
-CPU_COMMON = ['--recipe', 'imagenet', '--img-size', '64', '-b', '64', '--epochs', '10', '--warmup-epochs', '1',
-              '--sched-on-updates']
+CPU_COMMON = [
+    '--recipe',
+    'imagenet',
+    '--img-size',
+    '64',
+    '-b',
+    '64',
+    '--epochs',
+    '10',
+    '--warmup-epochs',
+    '1',
+    '--sched-on-updates',
+]
 FAMILIES = {  # a family's args are its whole recipe: the string that groups its rows in runs.csv
     'mobilenetv2': dict(
-        models=['mobilenetv2_100', 'mobilenetv2_100_se', 'mobilenetv2_100_bam', 'mobilenetv2_100_cbam',
-                'mobilenetv2_100_nam_ch', 'mobilenetv2_100_nam'],
-        args=CPU_COMMON + ['--lr', '0.03', '--weight-decay', '4e-5']),
+        models=[
+            'mobilenetv2_100',
+            'mobilenetv2_100_se',
+            'mobilenetv2_100_bam',
+            'mobilenetv2_100_cbam',
+            'mobilenetv2_100_nam_ch',
+            'mobilenetv2_100_nam',
+        ],
+        args=CPU_COMMON + ['--lr', '0.03', '--weight-decay', '4e-5'],
+    ),
     'resnet18': dict(
         models=['resnet18', 'resnet18_se', 'resnet18_cbam', 'resnet18_nam', 'resnet18_nam_sp'],
-        args=CPU_COMMON + ['--lr', '0.05', '--weight-decay', '1e-4']),
+        args=CPU_COMMON + ['--lr', '0.05', '--weight-decay', '1e-4'],
+    ),
     'resnet50_cifar': dict(
-        models=['resnet50_cifar', 'resnet50_cifar_se', 'resnet50_cifar_cbam', 'resnet50_cifar_nam',
-                'resnet50_cifar_nam_sp'],
-        args=['--recipe', 'cifar', '--img-size', '160', '--epochs', '4', '--decay-milestones', '1', '2', '3',
-              '--amp', '--amp-dtype', 'bfloat16', '--channels-last'],
-        gpu=True),
+        models=[
+            'resnet50_cifar',
+            'resnet50_cifar_se',
+            'resnet50_cifar_cbam',
+            'resnet50_cifar_nam',
+            'resnet50_cifar_nam_sp',
+        ],
+        args=[
+            '--recipe',
+            'cifar',
+            '--img-size',
+            '160',
+            '--epochs',
+            '4',
+            '--decay-milestones',
+            '1',
+            '2',
+            '3',
+            '--amp',
+            '--amp-dtype',
+            'bfloat16',
+            '--channels-last',
+        ],
+        gpu=True,
+    ),
 }
 CPU_FAMILIES = [name for name, fam in FAMILIES.items() if not fam.get('gpu')]
 SEEDS = (0, 1, 2)
-FIELDS = ['family', 'model', 'seed', 'recipe', 'top1', 'top5', 'best_top1', 'params', 'flops_g', 'train_img_s',
-          'train_minutes', 'penalty_p', 'device', 'date', 'timm_nam']
+FIELDS = [
+    'family',
+    'model',
+    'seed',
+    'recipe',
+    'top1',
+    'top5',
+    'best_top1',
+    'params',
+    'flops_g',
+    'train_img_s',
+    'train_minutes',
+    'penalty_p',
+    'device',
+    'date',
+    'timm_nam',
+]
 
 
 def recipe_string(family: str) -> str:
@@ -102,8 +157,23 @@ def device_label(device: str) -> str:
 def run_one(family: str, model: str, seed: int, data_dir: str, runs_dir: Path, workers: int) -> dict:
     # the recipe's hash in the name: a run of another recipe is never resumed as this one
     out = runs_dir / f'{model}_s{seed}_{hashlib.sha1(recipe_string(family).encode()).hexdigest()[:8]}'
-    cmd = [sys.executable, '-m', 'timm_nam', 'train', '-m', model, '--data-dir', data_dir, '-o', str(out),
-           '--seed', str(seed), '--workers', str(workers), *FAMILIES[family]['args']]
+    cmd = [
+        sys.executable,
+        '-m',
+        'timm_nam',
+        'train',
+        '-m',
+        model,
+        '--data-dir',
+        data_dir,
+        '-o',
+        str(out),
+        '--seed',
+        str(seed),
+        '--workers',
+        str(workers),
+        *FAMILIES[family]['args'],
+    ]
     if (out / 'last_state.pt').is_file():
         cmd += ['--resume', str(out)]
     subprocess.run(cmd, check=True)
@@ -114,15 +184,21 @@ def run_one(family: str, model: str, seed: int, data_dir: str, runs_dir: Path, w
     net = timm.create_model(model, num_classes=args['num_classes'], **kwargs)
     final = metrics[-1]
     return {
-        'family': family, 'model': model, 'seed': seed, 'recipe': recipe_string(family),
-        'top1': round(final['val_top1'], 3), 'top5': round(final['val_top5'], 3),
+        'family': family,
+        'model': model,
+        'seed': seed,
+        'recipe': recipe_string(family),
+        'top1': round(final['val_top1'], 3),
+        'top5': round(final['val_top5'], 3),
         'best_top1': round(max(r['val_top1'] for r in metrics), 3),
         'params': sum(p.numel() for p in net.parameters()),
         'flops_g': round(count_flops(net, (3, img_size, img_size)).paper_flops / 1e9, 4),
         'train_img_s': round(sum(r['img_per_s'] for r in metrics) / len(metrics), 1),
         'train_minutes': round(sum(r['epoch_time_s'] for r in metrics) / 60, 2),
-        'penalty_p': args['penalty_p'], 'device': device_label(args.get('device_used', '')),
-        'date': time.strftime('%Y-%m-%d'), 'timm_nam': timm_nam.__version__,
+        'penalty_p': args['penalty_p'],
+        'device': device_label(args.get('device_used', '')),
+        'date': time.strftime('%Y-%m-%d'),
+        'timm_nam': timm_nam.__version__,
     }
 
 
@@ -131,11 +207,19 @@ def main():
     p.add_argument('--data-dir', required=True, help='Imagenette ImageFolder root (imagenette2-224)')
     p.add_argument('--runs-dir', default='runs/imagenette_study', help='where run directories go (not committed)')
     p.add_argument('--csv', default='results/imagenette_study/runs.csv')
-    p.add_argument('--family', choices=list(FAMILIES), nargs='+', default=CPU_FAMILIES,
-                   help=f'default: {CPU_FAMILIES}; GPU-only families run when named')
+    p.add_argument(
+        '--family',
+        choices=list(FAMILIES),
+        nargs='+',
+        default=CPU_FAMILIES,
+        help=f'default: {CPU_FAMILIES}; GPU-only families run when named',
+    )
     p.add_argument('--seeds', type=int, nargs='+', default=list(SEEDS))
-    p.add_argument('--models', nargs='+',
-                   help='only these models, run in this order within each seed (default: every model of the chosen families)')
+    p.add_argument(
+        '--models',
+        nargs='+',
+        help='only these models, run in this order within each seed (default: every model of the chosen families)',
+    )
     p.add_argument('--max-runs', type=int, help='stop after this many new runs')
     p.add_argument('--workers', type=int, default=2)
     p.add_argument('--list', action='store_true', help='print the runs still to do and exit')
@@ -149,16 +233,20 @@ def main():
     if gpu_only and not args.list and not torch.cuda.is_available():
         p.error(f'--family {gpu_only} is sized for a GPU (hours per run on a CPU) and no CUDA device is available')
     done = done_runs(csv_path)
-    todo = [(family_of[m], m, s) for s in args.seeds for m in (args.models or family_of)
-            if (m, s, recipe_string(family_of[m])) not in done]
+    todo = [
+        (family_of[m], m, s)
+        for s in args.seeds
+        for m in (args.models or family_of)
+        if (m, s, recipe_string(family_of[m])) not in done
+    ]
     print(f'{len(todo)} runs to do' + (f', doing {args.max_runs}' if args.max_runs else ''), flush=True)
     if args.list:
         print('\n'.join(f'{model} seed {seed}' for _, model, seed in todo))
         return
-    for fam, model, seed in todo[:args.max_runs]:
+    for fam, model, seed in todo[: args.max_runs]:
         row = run_one(fam, model, seed, args.data_dir, runs_dir, args.workers)
         append_row(csv_path, row)
-        print(f"{model} seed {seed}: top-1 {row['top1']:.2f} top-5 {row['top5']:.2f}", flush=True)
+        print(f'{model} seed {seed}: top-1 {row["top1"]:.2f} top-5 {row["top5"]:.2f}', flush=True)
 
 
 if __name__ == '__main__':

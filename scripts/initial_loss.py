@@ -3,6 +3,7 @@ how far from ln(num_classes) each seed's initialization starts (the Imagenette s
 
     python scripts/initial_loss.py --data-dir ../shared/data/imagenette2-224 --models mobilenetv2_100 mobilenetv2_100_se
 """
+
 import argparse
 import math
 
@@ -23,7 +24,7 @@ def main():
     args = p.parse_args()
     ds = create_dataset('', root=f'{args.data_dir}/train')
     tf = create_transform(args.img_size, is_training=False)  # timm's eval transform: resize, center crop
-    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:args.images].tolist()
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[: args.images].tolist()
     images, labels = zip(*(ds[i] for i in idx))  # one read per image
     x, y = torch.stack([tf(img.convert('RGB')) for img in images]), torch.tensor(labels)
     num_classes = len(ds.reader.class_to_idx)

@@ -6,6 +6,7 @@ For each run directory (written by ``timm-nam train``) it copies metrics.csv, co
 of last.safetensors (``timm-nam sparsity``) and writes summary.md plus curves.png (validation top-1 per epoch)
 and scales.png (distribution of |γ| and |λ| per run).
 """
+
 import argparse
 import json
 import shutil
@@ -32,7 +33,7 @@ def main():
     for run in map(Path, args.runs):
         run_args = json.loads((run / 'args.json').read_text())
         metrics = json.loads((run / 'metrics.json').read_text())
-        label = f"p={run_args['penalty_p']:g}"
+        label = f'p={run_args["penalty_p"]:g}'
         dest = out / run.name
         dest.mkdir(exist_ok=True)
         for f in ('metrics.csv', 'metrics.json', 'args.json'):
@@ -40,22 +41,28 @@ def main():
         model, _ = create_model_from_checkpoint(run / 'last.safetensors')
         rows = scale_stats(model)
         write_stats(rows, dest)
-        plot_stats(rows, dest / 'sparsity.png', title=f"{run_args['model']}, {label}, after {len(metrics)} epochs")
+        plot_stats(rows, dest / 'sparsity.png', title=f'{run_args["model"]}, {label}, after {len(metrics)} epochs')
         best = max(metrics, key=lambda r: r['val_top1'])
-        vals = {k: torch.tensor([v for r in rows if r['kind'] == k for v in r['values']]) for k in ('channel γ', 'pixel λ')}
+        vals = {
+            k: torch.tensor([v for r in rows if r['kind'] == k for v in r['values']]) for k in ('channel γ', 'pixel λ')
+        }
         summary.append((label, run, metrics[-1], best, vals, sum(r['epoch_time_s'] for r in metrics)))
         curves[label] = [r['val_top1'] for r in metrics]
         scales[label] = vals
 
-    lines = ['| run | final top-1 | final top-5 | best top-1 (epoch) | median |γ| | γ < 0.01 | median |λ| | λ < 0.01 '
-             '| train time |', '|---|---:|---:|---:|---:|---:|---:|---:|---:|']
+    lines = [
+        '| run | final top-1 | final top-5 | best top-1 (epoch) | median |γ| | γ < 0.01 | median |λ| | λ < 0.01 '
+        '| train time |',
+        '|---|---:|---:|---:|---:|---:|---:|---:|---:|',
+    ]
     for label, run, final, best, vals, seconds in summary:
         g, l_ = vals['channel γ'], vals['pixel λ']
         lines.append(
-            f"| {label} (`{run.name}`) | {final['val_top1']:.2f} | {final['val_top5']:.2f} | {best['val_top1']:.2f} "
-            f"({best['epoch'] + 1}) | {g.median():.4f} | {(g < 0.01).float().mean() * 100:.1f}% | "
-            + (f"{l_.median():.4f} | {(l_ < 0.01).float().mean() * 100:.1f}%" if l_.numel() else '— | —')
-            + f" | {seconds / 60:.1f} min |")
+            f'| {label} (`{run.name}`) | {final["val_top1"]:.2f} | {final["val_top5"]:.2f} | {best["val_top1"]:.2f} '
+            f'({best["epoch"] + 1}) | {g.median():.4f} | {(g < 0.01).float().mean() * 100:.1f}% | '
+            + (f'{l_.median():.4f} | {(l_ < 0.01).float().mean() * 100:.1f}%' if l_.numel() else '— | —')
+            + f' | {seconds / 60:.1f} min |'
+        )
     (out / 'summary.md').write_text('\n'.join(lines) + '\n')
     print('\n'.join(lines))
 

@@ -6,6 +6,7 @@ p-value), a markdown table (summary.md), a plot (top1.png), and the same tables 
     pip install -e ".[study]"      # scipy, for the t-tests
     python scripts/summarize_study.py [--csv results/imagenette_study/runs.csv] [--docs README.md MODEL_CARD.md]
 """
+
 import argparse
 import csv
 import re
@@ -50,8 +51,11 @@ def recipe_labels(groups) -> dict:
     for family, _, recipe in groups:
         if recipe not in by_family[family]:
             by_family[family].append(recipe)
-    return {(fam, recipe): fam if len(recipes) == 1 else f'{fam}, recipe {i}'
-            for fam, recipes in by_family.items() for i, recipe in enumerate(recipes, start=1)}
+    return {
+        (fam, recipe): fam if len(recipes) == 1 else f'{fam}, recipe {i}'
+        for fam, recipes in by_family.items()
+        for i, recipe in enumerate(recipes, start=1)
+    }
 
 
 def recipe_legend(groups) -> list:
@@ -59,13 +63,17 @@ def recipe_legend(groups) -> list:
 
 
 def model_lines(groups) -> list:
-    lines = ['| family | model | seeds | top-1 (mean ± std) | top-5 (mean ± std) | params | FLOPs | train img/s |',
-             '|---|---|---:|---:|---:|---:|---:|---:|']
+    lines = [
+        '| family | model | seeds | top-1 (mean ± std) | top-5 (mean ± std) | params | FLOPs | train img/s |',
+        '|---|---|---:|---:|---:|---:|---:|---:|',
+    ]
     labels = recipe_labels(groups)
     for (family, model, recipe), rs in groups.items():
-        lines.append(f"| {labels[family, recipe]} | `{model}` | {len(rs)} | "
-                     f"{fmt_mean_std([r['top1'] for r in rs])} | {fmt_mean_std([r['top5'] for r in rs])} | "
-                     f"{int(rs[0]['params']) / 1e6:.2f}M | {float(rs[0]['flops_g']):.3f}G{at_size(recipe)} | {speed_cell(rs)} |")
+        lines.append(
+            f'| {labels[family, recipe]} | `{model}` | {len(rs)} | '
+            f'{fmt_mean_std([r["top1"] for r in rs])} | {fmt_mean_std([r["top5"] for r in rs])} | '
+            f'{int(rs[0]["params"]) / 1e6:.2f}M | {float(rs[0]["flops_g"]):.3f}G{at_size(recipe)} | {speed_cell(rs)} |'
+        )
     return lines
 
 
@@ -93,14 +101,16 @@ def paired_pvalue(rows_a, rows_b) -> str:
     pairs = [(float(r['top1']), top1_b[r['seed']]) for r in rows_a if r['seed'] in top1_b]
     if len(pairs) < 2:
         return 'n/a'
-    return f"{stats.ttest_rel(*zip(*pairs)).pvalue:.3f}"
+    return f'{stats.ttest_rel(*zip(*pairs)).pvalue:.3f}'
 
 
 def comparison_lines(groups) -> list:
     """Every NAM model against every non-NAM model of the same family and recipe, on final top-1."""
-    lines = ['| family | NAM model | vs | Δ top-1 (NAM − other) | 95 % CI (Welch) | p (Welch t) | p (paired t, by seed) '
-             '| seeds |',
-             '|---|---|---|---:|---:|---:|---:|---:|']
+    lines = [
+        '| family | NAM model | vs | Δ top-1 (NAM − other) | 95 % CI (Welch) | p (Welch t) | p (paired t, by seed) '
+        '| seeds |',
+        '|---|---|---|---:|---:|---:|---:|---:|',
+    ]
     labels = recipe_labels(groups)
     for (family, nam, recipe), nam_rows in groups.items():
         if not is_nam(nam):
@@ -118,8 +128,10 @@ def comparison_lines(groups) -> list:
                 lo, hi = res.confidence_interval(0.95)
                 ci, pval = f'[{lo:+.2f}, {hi:+.2f}]', f'{res.pvalue:.3f}'
             paired = paired_pvalue(nam_rows, other_rows)
-            lines.append(f'| {labels[family, recipe]} | `{nam}` | `{other}` | {diff:+.2f} | {ci} | {pval} | {paired} '
-                         f'| {len(a)} vs {len(b)} |')
+            lines.append(
+                f'| {labels[family, recipe]} | `{nam}` | `{other}` | {diff:+.2f} | {ci} | {pval} | {paired} '
+                f'| {len(a)} vs {len(b)} |'
+            )
     return lines if len(lines) > 2 else ['(No NAM model has a finished run yet.)']
 
 
@@ -139,8 +151,15 @@ def plot_top1(groups, out: Path) -> None:
     for ax, (family, items) in zip(axes[0], families.items()):
         for i, (model, vals) in enumerate(items):
             ax.scatter([i] * len(vals), vals, alpha=0.7, color='tab:red' if is_nam(model) else 'tab:blue')
-            ax.errorbar(i + 0.15, statistics.mean(vals), yerr=statistics.stdev(vals) if len(vals) > 1 else 0,
-                        fmt='D', markersize=4, color='black', capsize=4)
+            ax.errorbar(
+                i + 0.15,
+                statistics.mean(vals),
+                yerr=statistics.stdev(vals) if len(vals) > 1 else 0,
+                fmt='D',
+                markersize=4,
+                color='black',
+                capsize=4,
+            )
         ax.set_xticks(range(len(items)), [m for m, _ in items], rotation=30, ha='right', fontsize=8)
         ax.set_ylabel('val top-1 (%), final epoch')
         ax.set_title(f'{family}: seeds (dots), mean ± std', fontsize=10)
@@ -152,20 +171,43 @@ def plot_top1(groups, out: Path) -> None:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--csv', default='results/imagenette_study/runs.csv')
-    p.add_argument('--docs', nargs='*', default=['README.md', 'MODEL_CARD.md'],
-                   help='markdown files whose study-table block is rewritten (none: leave docs alone)')
+    p.add_argument(
+        '--docs',
+        nargs='*',
+        default=['README.md', 'MODEL_CARD.md'],
+        help='markdown files whose study-table block is rewritten (none: leave docs alone)',
+    )
     args = p.parse_args(argv)
     csv_path = Path(args.csv)
     with open(csv_path) as f:
         groups = group_runs(csv.DictReader(f))
     if not groups:
         raise SystemExit(f'{csv_path}: no runs yet')
-    tables = ['Recipes:', '', *recipe_legend(groups), '', *model_lines(groups), '',
-              '**NAM against each baseline.** Δ is the difference of mean final top-1; the CI and first p-value come '
-              'from Welch\'s two-sample t-test over seeds, the second from a paired t-test over the seeds both models '
-              'ran (no correction for the number of comparisons).', '', *comparison_lines(groups)]
-    text = '\n'.join(['# Imagenette study: summary (generated by scripts/summarize_study.py)', '',
-                      'Final-epoch validation accuracy (%), one row per model and recipe.', '', *tables]) + '\n'
+    tables = [
+        'Recipes:',
+        '',
+        *recipe_legend(groups),
+        '',
+        *model_lines(groups),
+        '',
+        '**NAM against each baseline.** Δ is the difference of mean final top-1; the CI and first p-value come '
+        "from Welch's two-sample t-test over seeds, the second from a paired t-test over the seeds both models "
+        'ran (no correction for the number of comparisons).',
+        '',
+        *comparison_lines(groups),
+    ]
+    text = (
+        '\n'.join(
+            [
+                '# Imagenette study: summary (generated by scripts/summarize_study.py)',
+                '',
+                'Final-epoch validation accuracy (%), one row per model and recipe.',
+                '',
+                *tables,
+            ]
+        )
+        + '\n'
+    )
     (csv_path.parent / 'summary.md').write_text(text)
     print(text)
     plot_top1(groups, csv_path.parent / 'top1.png')

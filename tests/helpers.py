@@ -1,5 +1,6 @@
 """Test helpers: the NAM formulas written out as the authors' code computes them, small synthetic datasets (no
 downloads) and loading a scripts/ module by path."""
+
 import importlib.util
 from pathlib import Path
 

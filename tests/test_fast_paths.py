@@ -1,6 +1,7 @@
 """NAM's fast paths change nothing a user can observe but cost: the memory-efficient training gate (outputs, every
 gradient, running statistics, what it keeps for backward), the NAM-aware norms before it, and the folded inference
 gate (`fuse()` / `timm.utils.reparameterize_model`)."""
+
 import copy
 import functools
 import os
@@ -15,11 +16,11 @@ import torch.nn as nn
 from timm.layers import set_layer_config
 from timm.utils import reparameterize_model
 
+from tests.helpers import channel_reference, randomize_bn
 from timm_nam import NAM, NAMChannel, NAMGate, NAMSpatial, nam_weights
 from timm_nam.layers import BatchNorm2dForNAM
-from timm_nam.layers.nam_functional import channel_gate_train, pixel_gate_train, published_norm_output
 from timm_nam.layers.nam import pixel_batch_stats
-from tests.helpers import channel_reference, randomize_bn
+from timm_nam.layers.nam_functional import channel_gate_train, pixel_gate_train, published_norm_output
 
 
 def _nam_aware_bn(channels: int) -> nn.BatchNorm2d:
@@ -177,8 +178,10 @@ def test_nam_aware_norm_equals_batchnorm(momentum):
         out, ref_out = bn(y), ref(y)
         torch.testing.assert_close(out, ref_out)
         g = torch.randn_like(out)
-        for a, b in zip(torch.autograd.grad(out, [y, bn.weight, bn.bias], g),
-                        torch.autograd.grad(ref_out, [y, ref.weight, ref.bias], g)):
+        for a, b in zip(
+            torch.autograd.grad(out, [y, bn.weight, bn.bias], g),
+            torch.autograd.grad(ref_out, [y, ref.weight, ref.bias], g),
+        ):
             torch.testing.assert_close(a, b)
     for a, b in zip(bn.state_dict().values(), ref.state_dict().values()):
         torch.testing.assert_close(a, b)
@@ -192,15 +195,24 @@ def test_models_use_nam_aware_norms_with_unchanged_keys():
     assert list(model.state_dict()) == list(plain.state_dict())
     assert all(type(b.bn3) is BatchNorm2dForNAM for s in (model.layer1, model.layer4) for b in s)
     assert type(model.layer1[0].bn1) is nn.BatchNorm2d  # only the norms that feed a gate
-    mbv2, plain = set(timm.create_model('mobilenetv2_100_nam_ch').state_dict()), set(
-        timm.create_model('mobilenetv2_100').state_dict())
+    mbv2, plain = (
+        set(timm.create_model('mobilenetv2_100_nam_ch').state_dict()),
+        set(timm.create_model('mobilenetv2_100').state_dict()),
+    )
     assert plain < mbv2 and all('.act.bn.' in k for k in mbv2 - plain)  # timm's keys plus the gates' own
 
 
-@pytest.mark.parametrize('name,base', [('resnet18_nam', 'resnet18'), ('mobilenetv2_100_nam_ch', 'mobilenetv2_100'),
-                                       ('efficientnet_b0_nam', 'efficientnet_b0')])
+@pytest.mark.parametrize(
+    'name,base',
+    [
+        ('resnet18_nam', 'resnet18'),
+        ('mobilenetv2_100_nam_ch', 'mobilenetv2_100'),
+        ('efficientnet_b0_nam', 'efficientnet_b0'),
+    ],
+)
 def test_model_training_keeps_the_activations_of_the_plain_model(name, base):
     """NAM after every block adds per-channel vectors only to what a training step keeps for backward."""
+
     def saved_bytes(model):
         saved = {}
 
@@ -226,8 +238,11 @@ def test_training_with_grad_checkpointing_gives_the_same_gradients(name, reentra
     checkpointed = copy.deepcopy(model)
     x = torch.randn(2, 3, 64, 64)
     model(x).square().sum().backward()
-    blocks = ([b for s in (checkpointed.layer1, checkpointed.layer2, checkpointed.layer3, checkpointed.layer4)
-               for b in s] if hasattr(checkpointed, 'layer1') else [b for s in checkpointed.blocks for b in s])
+    blocks = (
+        [b for s in (checkpointed.layer1, checkpointed.layer2, checkpointed.layer3, checkpointed.layer4) for b in s]
+        if hasattr(checkpointed, 'layer1')
+        else [b for s in checkpointed.blocks for b in s]
+    )
     for block in blocks:
         block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=reentrant)
     checkpointed(x).square().sum().backward()
@@ -240,16 +255,31 @@ def test_triton_kernels_under_the_interpreter():
     pytest.importorskip('triton')
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run(
-        [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', str(root / 'tests' / 'test_triton_kernels.py')],
-        cwd=root, env=dict(os.environ, TRITON_INTERPRET='1'), capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            '-m',
+            'pytest',
+            '-q',
+            '-p',
+            'no:cacheprovider',
+            str(root / 'tests' / 'test_triton_kernels.py'),
+        ],
+        cwd=root,
+        env=dict(os.environ, TRITON_INTERPRET='1'),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert ' passed' in result.stdout and 'skipped' not in result.stdout
 
 
 # ---- inference folding ----
 
-@pytest.mark.parametrize('make', [lambda: NAMChannel(6), lambda: NAMSpatial(6, feat_size=(4, 5)),
-                                  lambda: NAM(6, feat_size=(4, 5))])
+
+@pytest.mark.parametrize(
+    'make', [lambda: NAMChannel(6), lambda: NAMSpatial(6, feat_size=(4, 5)), lambda: NAM(6, feat_size=(4, 5))]
+)
 def test_fuse_equals_eval_float64(make):
     layer = make().double()
     for m in layer.modules():
@@ -289,8 +319,11 @@ def test_reparameterize_model_folds_every_gate(name):
         if isinstance(m, (NAMChannel, NAMSpatial)):
             randomize_bn(m.bn)
     model.eval()
-    size = timm.get_pretrained_cfg_value(name, 'input_size') if 'sp' in name or name == 'mobilenetv2_100_nam' else (
-        3, 64, 64)
+    size = (
+        timm.get_pretrained_cfg_value(name, 'input_size')
+        if 'sp' in name or name == 'mobilenetv2_100_nam'
+        else (3, 64, 64)
+    )
     x = torch.randn(2, *size)
     expected = model(x)
     fused = reparameterize_model(model)

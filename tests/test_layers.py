@@ -1,4 +1,5 @@
 """NAM layers: the paper's formulas (float64, train and eval), options, edge cases and timm slots."""
+
 import copy
 from functools import partial
 
@@ -7,8 +8,8 @@ import timm
 import torch
 import torch.nn as nn
 
-from timm_nam import NAM, BAM, NAMChannel, NAMSpatial, TripletAttention, nam_weights
 from tests.helpers import channel_reference, randomize_bn, spatial_reference
+from timm_nam import BAM, NAM, NAMChannel, NAMSpatial, TripletAttention, nam_weights
 
 
 @pytest.mark.parametrize('training', [True, False])

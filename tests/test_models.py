@@ -1,5 +1,6 @@
 """Every registered timm-nam model against the checks of timm's own tests/test_models.py, plus the
 paper's parameter counts and the placement of NAM."""
+
 import math
 import weakref
 
@@ -10,11 +11,10 @@ from timm.models import get_pretrained_cfg_value
 from timm.models._hub import save_for_hf  # not re-exported by timm.models before 1.0.16
 
 import timm_nam  # noqa: F401  registers the models also when TIMM_DISABLE_PLUGINS is set
-from timm_nam import NAM, NAMChannel, NAMSpatial
 from tests.helpers import TIMM_LOCAL_DIR
+from timm_nam import NAM, NAMChannel, NAMSpatial
 
-ALL_MODELS = sorted(
-    timm.list_models(module='resnet_nam') + timm.list_models(module='efficientnet_nam'))
+ALL_MODELS = sorted(timm.list_models(module='resnet_nam') + timm.list_models(module='efficientnet_nam'))
 # the big ones are covered by their smaller siblings in the slow-path tests below
 FAST_MODELS = [m for m in ALL_MODELS if m not in ('resnet101_nam', 'mobilenetv2_140_nam')]
 
@@ -31,11 +31,32 @@ def _input_size(name, target):
 
 def test_model_list():
     expected = {
-        'resnet18_nam', 'resnet18_nam_sp', 'resnet18_se', 'resnet18_cbam', 'resnet34_nam', 'resnet50_nam', 'resnet101_nam', 'resnet50_nam_sp', 'resnet50_nam_chsp',
-        'mobilenetv2_nam', 'mobilenetv2_100_nam', 'mobilenetv2_100_nam_ch', 'mobilenetv2_140_nam',
-        'mobilenetv2_050_nam', 'efficientnet_b0_nam', 'resnet50_cifar', 'resnet50_cifar_se', 'resnet50_cifar_cbam',
-        'resnet50_cifar_bam', 'resnet50_cifar_tam', 'resnet50_cifar_nam', 'resnet50_cifar_nam_sp',
-        'resnet50_cifar_nam_chsp', 'mobilenetv2_100_se', 'mobilenetv2_100_cbam', 'mobilenetv2_100_bam',
+        'resnet18_nam',
+        'resnet18_nam_sp',
+        'resnet18_se',
+        'resnet18_cbam',
+        'resnet34_nam',
+        'resnet50_nam',
+        'resnet101_nam',
+        'resnet50_nam_sp',
+        'resnet50_nam_chsp',
+        'mobilenetv2_nam',
+        'mobilenetv2_100_nam',
+        'mobilenetv2_100_nam_ch',
+        'mobilenetv2_140_nam',
+        'mobilenetv2_050_nam',
+        'efficientnet_b0_nam',
+        'resnet50_cifar',
+        'resnet50_cifar_se',
+        'resnet50_cifar_cbam',
+        'resnet50_cifar_bam',
+        'resnet50_cifar_tam',
+        'resnet50_cifar_nam',
+        'resnet50_cifar_nam_sp',
+        'resnet50_cifar_nam_chsp',
+        'mobilenetv2_100_se',
+        'mobilenetv2_100_cbam',
+        'mobilenetv2_100_bam',
     }
     assert set(ALL_MODELS) == expected
     assert set(timm.list_models('*nam*')) >= {m for m in expected if 'nam' in m}
@@ -71,14 +92,21 @@ def test_nam_placement_resnet():
     assert len(blocks) == 16 and all(isinstance(b.se, NAMChannel) for b in blocks)
     assert all(b.se.channels == b.bn3.num_features for b in blocks)
     basic = timm.create_model('resnet18_nam')
-    assert all(isinstance(b.se, NAMChannel) and b.se.channels == b.bn2.num_features
-               for s in (basic.layer1, basic.layer4) for b in s)
+    assert all(
+        isinstance(b.se, NAMChannel) and b.se.channels == b.bn2.num_features
+        for s in (basic.layer1, basic.layer4)
+        for b in s
+    )
     sp = timm.create_model('resnet50_nam_chsp')
     sizes = [b.se.spatial.feat_size for s in (sp.layer1, sp.layer2, sp.layer3, sp.layer4) for b in s]
     assert sizes == [(56, 56)] * 3 + [(28, 28)] * 4 + [(14, 14)] * 6 + [(7, 7)] * 3
     cifar = timm.create_model('resnet50_cifar_nam_sp')
     assert [s[0].se.feat_size for s in (cifar.layer1, cifar.layer2, cifar.layer3, cifar.layer4)] == [
-        (32, 32), (16, 16), (8, 8), (4, 4)]
+        (32, 32),
+        (16, 16),
+        (8, 8),
+        (4, 4),
+    ]
 
 
 def test_nam_placement_mobilenetv2_is_after_projection_bn():
@@ -93,9 +121,18 @@ def test_nam_placement_mobilenetv2_is_after_projection_bn():
     x = torch.randn(1, 24, 56, 56)
     with torch.no_grad():
         y = block.bn2(block.conv_dw(block.bn1(block.conv_pw(x))))
-        proj = block.bn3.drop(torch.nn.functional.batch_norm(
-            block.conv_pwl(y), block.bn3.running_mean, block.bn3.running_var, block.bn3.weight, block.bn3.bias,
-            False, 0., block.bn3.eps))
+        proj = block.bn3.drop(
+            torch.nn.functional.batch_norm(
+                block.conv_pwl(y),
+                block.bn3.running_mean,
+                block.bn3.running_var,
+                block.bn3.weight,
+                block.bn3.bias,
+                False,
+                0.0,
+                block.bn3.eps,
+            )
+        )
         torch.testing.assert_close(block(x), block.bn3.act(proj) + x)
 
 
@@ -119,8 +156,20 @@ def test_spatial_models_raise_on_other_sizes_and_rebuild_with_img_size():
 @pytest.mark.parametrize('name', ALL_MODELS)
 def test_pretrained_cfg_complete(name):
     cfg = timm.models.get_pretrained_cfg(name).to_dict()
-    for key in ('num_classes', 'input_size', 'pool_size', 'mean', 'std', 'first_conv', 'classifier',
-                'license', 'paper_ids', 'origin_url', 'crop_pct', 'interpolation'):
+    for key in (
+        'num_classes',
+        'input_size',
+        'pool_size',
+        'mean',
+        'std',
+        'first_conv',
+        'classifier',
+        'license',
+        'paper_ids',
+        'origin_url',
+        'crop_pct',
+        'interpolation',
+    ):
         assert cfg.get(key) is not None, f'{name}: cfg lacks {key}'
     spatial = any(isinstance(m, NAMSpatial) for m in timm.create_model(name).modules())
     assert cfg['fixed_input_size'] == spatial

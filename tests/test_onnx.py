@@ -1,12 +1,13 @@
 """Deployment export: the main models, as built and folded (`timm.utils.reparameterize_model`), exported with
 ``torch.onnx.export`` and run in onnxruntime give PyTorch's outputs."""
+
 import pytest
 import timm
 import torch
 from timm.utils import reparameterize_model
 
-from timm_nam import NAMChannel, NAMSpatial
 from tests.helpers import randomize_bn
+from timm_nam import NAMChannel, NAMSpatial
 
 onnx = pytest.importorskip('onnx')
 ort = pytest.importorskip('onnxruntime')

@@ -1,4 +1,5 @@
 """Discovery: after installation, `import timm` alone registers the models (timm.plugins entry points)."""
+
 import os
 import subprocess
 import sys
@@ -28,10 +29,11 @@ def _run(code: str, **env) -> subprocess.CompletedProcess:
 
 def test_import_timm_alone_registers_models():
     proc = _run(
-        "import sys, timm\n"
+        'import sys, timm\n'
         "m = timm.create_model('resnet50_nam')\n"
-        "print(type(m).__module__)\n"
-        "print(sorted(timm.list_models('*nam*')))\n")
+        'print(type(m).__module__)\n'
+        "print(sorted(timm.list_models('*nam*')))\n"
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == 'timm_nam.models.resnet_nam'
@@ -46,15 +48,18 @@ def test_from_timm_models_import_also_registers():
 
 def test_import_timm_nam_first_still_works():
     # the loader reports a plugin that fails to load with a RuntimeWarning: make that an error
-    proc = _run("import timm_nam, timm\nprint(len(timm.list_models('*nam*')) > 10)",
-                PYTHONWARNINGS='error::RuntimeWarning')
+    proc = _run(
+        "import timm_nam, timm\nprint(len(timm.list_models('*nam*')) > 10)", PYTHONWARNINGS='error::RuntimeWarning'
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == 'True'
 
 
 def test_environment_variable_switches_it_off():
-    proc = _run("import timm\nprint(timm.list_models('*nam*'))\nimport timm_nam\nprint(timm.is_model('resnet50_nam'))",
-                **{autoload.ENV_DISABLE: '1'})
+    proc = _run(
+        "import timm\nprint(timm.list_models('*nam*'))\nimport timm_nam\nprint(timm.is_model('resnet50_nam'))",
+        **{autoload.ENV_DISABLE: '1'},
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ['[]', 'True']
 
@@ -62,12 +67,13 @@ def test_environment_variable_switches_it_off():
 def test_interpreters_without_timm_pay_nothing():
     """At startup only the tiny finder is installed: no timm, torch, timm_nam or entry-point scan."""
     proc = _run(
-        "import sys\n"
+        'import sys\n'
         "heavy = [m for m in ('timm', 'torch', 'timm_nam', 'importlib.metadata') if m in sys.modules]\n"
-        "finders = [type(f).__name__ for f in sys.meta_path]\n"
-        "print(heavy, finders[0])\n")
+        'finders = [type(f).__name__ for f in sys.meta_path]\n'
+        'print(heavy, finders[0])\n'
+    )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "[] TimmPluginFinder"
+    assert proc.stdout.strip() == '[] TimmPluginFinder'
 
 
 def test_broken_plugin_warns_instead_of_breaking_timm(monkeypatch):

@@ -1,4 +1,5 @@
 """scripts/summarize_study.py: the study's numbers as README and MODEL_CARD quote them."""
+
 import csv
 from pathlib import Path
 
@@ -22,30 +23,54 @@ def write_runs(path: Path, top1_by_model: dict, recipe='--img-size 64', append=F
             writer.writeheader()
         for model, values in top1_by_model.items():
             for seed, top1 in enumerate(values):
-                writer.writerow(dict(family='mobilenetv2', model=model, seed=seed, recipe=recipe, top1=top1,
-                                     top5=top1 + 40, params=2_240_000, flops_g=0.026, train_img_s=100))
+                writer.writerow(
+                    dict(
+                        family='mobilenetv2',
+                        model=model,
+                        seed=seed,
+                        recipe=recipe,
+                        top1=top1,
+                        top5=top1 + 40,
+                        params=2_240_000,
+                        flops_g=0.026,
+                        train_img_s=100,
+                    )
+                )
 
 
 def test_summary_tables_and_docs(summarize, tmp_path):
     runs = tmp_path / 'runs.csv'
-    write_runs(runs, {'mobilenetv2_100': [40.0, 41.0, 42.0], 'mobilenetv2_100_se': [40.0],
-                      'mobilenetv2_100_nam': [44.0, 46.0, 45.0]})
+    write_runs(
+        runs,
+        {
+            'mobilenetv2_100': [40.0, 41.0, 42.0],
+            'mobilenetv2_100_se': [40.0],
+            'mobilenetv2_100_nam': [44.0, 46.0, 45.0],
+        },
+    )
     doc = tmp_path / 'README.md'
     doc.write_text('intro\n<!-- study-table -->\nold numbers\n<!-- /study-table -->\noutro\n')
     summarize.main(['--csv', str(runs), '--docs', str(doc)])
 
     summary = (tmp_path / 'summary.md').read_text()
-    assert '| mobilenetv2 | `mobilenetv2_100` | 3 | 41.00 ± 1.00 | 81.00 ± 1.00 | 2.24M | 0.026G @64 px | 100 |' in summary
+    assert (
+        '| mobilenetv2 | `mobilenetv2_100` | 3 | 41.00 ± 1.00 | 81.00 ± 1.00 | 2.24M | 0.026G @64 px | 100 |' in summary
+    )
     assert '| mobilenetv2 | `mobilenetv2_100_se` | 1 | 40.00 | 80.00 |' in summary
     # NAM 45 ± 1 vs base 41 ± 1, 3 seeds each: Welch t = 4.90 on 4 df, 95 % CI 4 ± 2.776 * sqrt(2/3);
     # paired by seed the differences are 4, 5, 3: t = 4 / (1 / sqrt(3)) = 6.93 on 2 df
-    assert ('| mobilenetv2 | `mobilenetv2_100_nam` | `mobilenetv2_100` | +4.00 | [+1.73, +6.27] | 0.008 | 0.020 '
-            '| 3 vs 3 |') in summary
-    assert '| mobilenetv2 | `mobilenetv2_100_nam` | `mobilenetv2_100_se` | +5.00 | n/a | n/a | n/a | 3 vs 1 |' in summary
+    assert (
+        '| mobilenetv2 | `mobilenetv2_100_nam` | `mobilenetv2_100` | +4.00 | [+1.73, +6.27] | 0.008 | 0.020 | 3 vs 3 |'
+    ) in summary
+    assert (
+        '| mobilenetv2 | `mobilenetv2_100_nam` | `mobilenetv2_100_se` | +5.00 | n/a | n/a | n/a | 3 vs 1 |' in summary
+    )
     assert (tmp_path / 'top1.png').stat().st_size > 0
 
     text = doc.read_text()
-    assert text.startswith('intro\n<!-- study-table -->\nRecipes:\n\n- mobilenetv2: `--img-size 64`\n\n| family | model |')
+    assert text.startswith(
+        'intro\n<!-- study-table -->\nRecipes:\n\n- mobilenetv2: `--img-size 64`\n\n| family | model |'
+    )
     assert text.endswith('<!-- /study-table -->\noutro\n')
     assert 'old numbers' not in text and '41.00 ± 1.00' in text and '[+1.73, +6.27]' in text
 
@@ -66,7 +91,9 @@ def test_a_second_recipe_forms_its_own_groups(summarize, tmp_path):
     write_runs(runs, {'mobilenetv2_100': [50.0, 52.0]}, recipe='new --sched-on-updates', append=True)
     summarize.main(['--csv', str(runs), '--docs'])
     summary = (tmp_path / 'summary.md').read_text()
-    assert '- mobilenetv2, recipe 1: `old`' in summary and '- mobilenetv2, recipe 2: `new --sched-on-updates`' in summary
+    assert (
+        '- mobilenetv2, recipe 1: `old`' in summary and '- mobilenetv2, recipe 2: `new --sched-on-updates`' in summary
+    )
     assert '| mobilenetv2, recipe 1 | `mobilenetv2_100` | 3 | 41.00 ± 1.00 |' in summary
     assert '| mobilenetv2, recipe 2 | `mobilenetv2_100` | 2 | 51.00 ± 1.41 |' in summary
     # NAM is compared only with the baseline of its own recipe
@@ -75,7 +102,10 @@ def test_a_second_recipe_forms_its_own_groups(summarize, tmp_path):
 
 
 def test_speed_is_reported_per_kind_of_machine(summarize):
-    rows = [dict(train_img_s=80, device='cpu (AMD EPYC)'), dict(train_img_s=90, device='cpu (Intel Xeon)'),
-            dict(train_img_s=1600, device='cuda:0 (NVIDIA H200)')]
+    rows = [
+        dict(train_img_s=80, device='cpu (AMD EPYC)'),
+        dict(train_img_s=90, device='cpu (Intel Xeon)'),
+        dict(train_img_s=1600, device='cuda:0 (NVIDIA H200)'),
+    ]
     assert summarize.speed_cell(rows) == '85 (CPU), 1600 (GPU)'
     assert summarize.speed_cell([dict(train_img_s=100)]) == '100'  # rows made before the device column

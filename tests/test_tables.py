@@ -1,4 +1,5 @@
 """The main job: the paper's tables, and the FLOP convention behind them."""
+
 import subprocess
 import sys
 
@@ -9,8 +10,14 @@ from timm_nam.tables import TABLE1, TABLE2, measure_rows, overhead_rows, render_
 
 
 def test_flop_convention_on_a_known_network():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 5),
+    )
     count = count_flops(model, (3, 16, 16))
     assert count.macs == 8 * 3 * 9 * 16 * 16 + 8 * 5
     assert count.norm_ops == 2 * 8 * 16 * 16

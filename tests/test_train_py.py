@@ -6,6 +6,7 @@ The check: with plain SGD (no momentum, no weight decay, constant lr), a run wit
 every NAM scale by ``-steps · lr · p · sign(γ)`` relative to the same run without it — under fp16 autocast
 with GradScaler, gradient accumulation, and torchrun with 2 processes.
 """
+
 import argparse
 import os
 import socket
@@ -32,16 +33,69 @@ def _free_port():
 
 
 def _train(data, out, penalty, nproc=1, extra=()):
-    launcher = [sys.executable] if nproc == 1 else [
-        sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc), '--master_port', str(_free_port())]
-    args = [TRAIN_PY, '--data-dir', str(data), '--model', 'resnet50_nam', '--device-modules', 'timm_nam',
-            '--model-kwargs', f'nam_penalty={penalty}', '--num-classes', '3', '--img-size', '64', '--epochs', '1',
-            '-b', str(8 // nproc), '--opt', 'momentum', '--momentum', '0', '--weight-decay', '0', '--lr', str(LR),
-            '--sched', 'step', '--decay-epochs', '100', '--warmup-epochs', '0', '--smoothing', '0', '--workers', '0',
-            '--no-prefetcher', '--device', 'cpu', '--seed', '0', '--output', str(out), '--experiment', 'run',
-            *extra]
-    proc = subprocess.run(launcher + args, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, 'TIMM_DISABLE_PLUGINS': '1'})
+    launcher = (
+        [sys.executable]
+        if nproc == 1
+        else [
+            sys.executable,
+            '-m',
+            'torch.distributed.run',
+            '--nproc_per_node',
+            str(nproc),
+            '--master_port',
+            str(_free_port()),
+        ]
+    )
+    args = [
+        TRAIN_PY,
+        '--data-dir',
+        str(data),
+        '--model',
+        'resnet50_nam',
+        '--device-modules',
+        'timm_nam',
+        '--model-kwargs',
+        f'nam_penalty={penalty}',
+        '--num-classes',
+        '3',
+        '--img-size',
+        '64',
+        '--epochs',
+        '1',
+        '-b',
+        str(8 // nproc),
+        '--opt',
+        'momentum',
+        '--momentum',
+        '0',
+        '--weight-decay',
+        '0',
+        '--lr',
+        str(LR),
+        '--sched',
+        'step',
+        '--decay-epochs',
+        '100',
+        '--warmup-epochs',
+        '0',
+        '--smoothing',
+        '0',
+        '--workers',
+        '0',
+        '--no-prefetcher',
+        '--device',
+        'cpu',
+        '--seed',
+        '0',
+        '--output',
+        str(out),
+        '--experiment',
+        'run',
+        *extra,
+    ]
+    proc = subprocess.run(
+        launcher + args, capture_output=True, text=True, timeout=900, env={**os.environ, 'TIMM_DISABLE_PLUGINS': '1'}
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with torch.serialization.safe_globals([argparse.Namespace]):
         state = torch.load(out / 'run' / 'last.pth.tar', map_location='cpu', weights_only=True)['state_dict']
@@ -61,8 +115,10 @@ def test_train_py_applies_the_penalty_exactly(data_dir, tmp_path, setting):
         steps = 2  # 3 batches of 8 (24 images), accumulated 2 + 1: two optimizer steps
     else:
         if not torch.cuda.is_available():
-            pytest.skip("timm's train.py passes device_ids=[cpu] to DistributedDataParallel, which PyTorch rejects: "
-                        "its torchrun path needs CUDA (the step hook under DDP is tested in test_penalty.py)")
+            pytest.skip(
+                "timm's train.py passes device_ids=[cpu] to DistributedDataParallel, which PyTorch rejects: "
+                'its torchrun path needs CUDA (the step hook under DDP is tested in test_penalty.py)'
+            )
         kw = dict(nproc=2, extra=['--device', 'cuda'])
         steps = 3  # 3 global batches of 2 x 4
     without = _train(data_dir, tmp_path / 'off', 0.0, **kw)
@@ -73,8 +129,12 @@ def test_train_py_applies_the_penalty_exactly(data_dir, tmp_path, setting):
         expected = -steps * LR * P * torch.sign(without[k])
         # the criterion's own gradient on γ differs only at second order between the two runs
         torch.testing.assert_close(
-            shift, expected, rtol=0, atol=0.05 * steps * LR * P,
-            msg=lambda m: f'{k}: shift mean {shift.mean():.5f} vs expected {expected.mean():.5f}\n{m}')
+            shift,
+            expected,
+            rtol=0,
+            atol=0.05 * steps * LR * P,
+            msg=lambda m: f'{k}: shift mean {shift.mean():.5f} vs expected {expected.mean():.5f}\n{m}',
+        )
 
 
 def test_device_modules_builds_our_model(data_dir, tmp_path):

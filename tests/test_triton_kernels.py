@@ -3,6 +3,7 @@ forward and backward (per channel and per pixel, NCHW and channels-last, after a
 
 They run on a CUDA device, or on the CPU under Triton's interpreter: ``TRITON_INTERPRET=1`` (set before Triton
 compiles anything; `tests/test_fast_paths.py` runs this file that way in a subprocess)."""
+
 import os
 
 import pytest
@@ -15,7 +16,8 @@ from timm_nam.layers.nam_functional import _kernels_apply, channel_gate_train, f
 INTERPRET = os.environ.get('TRITON_INTERPRET') == '1'
 DEVICE = 'cuda' if torch.cuda.is_available() and not INTERPRET else 'cpu'
 pytestmark = pytest.mark.skipif(
-    not (INTERPRET or torch.cuda.is_available()), reason='needs a CUDA device or TRITON_INTERPRET=1')
+    not (INTERPRET or torch.cuda.is_available()), reason='needs a CUDA device or TRITON_INTERPRET=1'
+)
 
 
 def _stock(fn):
@@ -25,6 +27,7 @@ def _stock(fn):
     else:
         os.environ['TIMM_NAM_TRITON'] = '0'
         from timm_nam.layers.nam_functional import triton_available
+
         triton_available.cache_clear()
     try:
         return fn()
@@ -34,6 +37,7 @@ def _stock(fn):
             os.environ['TRITON_INTERPRET'] = '1'
         else:
             from timm_nam.layers.nam_functional import triton_available
+
             triton_available.cache_clear()
 
 

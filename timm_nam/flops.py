@@ -1,4 +1,4 @@
-""" FLOP counting with torch's own ``torch.utils.flop_counter``, in the NAM paper's convention.
+"""FLOP counting with torch's own ``torch.utils.flop_counter``, in the NAM paper's convention.
 
 Why this counter: it ships with torch (maintained, no extra dependency), counts at the aten level
 (so it sees every conv and matmul whatever module issued it) and takes custom formulas for other
@@ -13,6 +13,7 @@ Convention that reproduces the paper's Tables 1-2 (see REFERENCE notes): the aut
 where NAM's pixel normalization, whose eval-mode affine runs as one ``addcmul``, counts as a batch
 norm too. Models are counted in eval mode on a batch of one.
 """
+
 import math
 from dataclasses import dataclass
 from typing import Tuple

@@ -1,9 +1,10 @@
-""" The NAM paper's Tables 1-4, recomputed from the registered models.
+"""The NAM paper's Tables 1-4, recomputed from the registered models.
 
 Tables 1-2: parameters and FLOPs of every row, the paper's value beside ours (FLOPs in the paper's
 convention, see `timm_nam.flops`). Tables 3-4 (appendix): the per-stage parameter overhead of
 CBAM's and NAM's channel and spatial attention in ResNet-50, counted from the modules themselves.
 """
+
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -46,10 +47,22 @@ TABLE2 = (  # MobileNetV2 on ImageNet, 224x224
     PaperRow('MobileNet V2 + SE', 'mobilenetv2_100_se', 3.53, 0.32, 29.77, 10.65),
     PaperRow('MobileNet V2 + BAM', 'mobilenetv2_100_bam', 3.54, 0.32, 29.91, 10.80),
     PaperRow('MobileNet V2 + CBAM', 'mobilenetv2_100_cbam', 3.54, 0.32, 29.74, 10.66),
-    PaperRow('MobileNet V2 + NAM', 'mobilenetv2_100_nam_ch', 3.51, 0.32, 29.34, 10.18,
-             note='channel NAM: the configuration the count fits'),
-    PaperRow('MobileNet V2 + NAM(ch+sp)', 'mobilenetv2_100_nam', None, None,
-             note="the paper's text; its count does not fit Table 2"),
+    PaperRow(
+        'MobileNet V2 + NAM',
+        'mobilenetv2_100_nam_ch',
+        3.51,
+        0.32,
+        29.34,
+        10.18,
+        note='channel NAM: the configuration the count fits',
+    ),
+    PaperRow(
+        'MobileNet V2 + NAM(ch+sp)',
+        'mobilenetv2_100_nam',
+        None,
+        None,
+        note="the paper's text; its count does not fit Table 2",
+    ),
 )
 
 
@@ -60,14 +73,16 @@ def measure_rows(rows) -> List[Dict]:
         model = timm.create_model(row.model)
         params = sum(p.numel() for p in model.parameters())
         flops = count_flops(model, model.pretrained_cfg['input_size'])
-        out.append(dict(
-            row=row,
-            params=params,
-            macs=flops.macs,
-            paper_flops=flops.paper_flops,
-            params_ok=row.params_m is None or abs(params / 1e6 - row.params_m) <= PARAMS_TOL_M + 1e-9,
-            flops_ok=row.flops_g is None or abs(flops.paper_flops / 1e9 - row.flops_g) <= FLOPS_TOL_G + 1e-9,
-        ))
+        out.append(
+            dict(
+                row=row,
+                params=params,
+                macs=flops.macs,
+                paper_flops=flops.paper_flops,
+                params_ok=row.params_m is None or abs(params / 1e6 - row.params_m) <= PARAMS_TOL_M + 1e-9,
+                flops_ok=row.flops_g is None or abs(flops.paper_flops / 1e9 - row.flops_g) <= FLOPS_TOL_G + 1e-9,
+            )
+        )
     return out
 
 
@@ -91,17 +106,19 @@ def overhead_rows() -> List[Dict]:
     for idx, (cbam_stage, nam_stage) in enumerate(zip(_stage_blocks(cbam), _stage_blocks(nam)), start=1):
         cbam_attn = cbam_stage[0].se
         nam_attn = nam_stage[0].se
-        rows.append(dict(
-            stage=f'layer{idx}',
-            cbam_channel=sum(p.numel() for p in cbam_attn.channel.parameters() if p.dim() > 1),
-            nam_channel=next(m for m in nam_attn.modules() if isinstance(m, NAMChannel)).bn.weight.numel(),
-            cbam_spatial=sum(p.numel() for p in cbam_attn.spatial.parameters() if p.dim() > 1),
-            nam_spatial=next(m for m in nam_attn.modules() if isinstance(m, NAMSpatial)).bn.weight.numel(),
-            paper_cbam_channel=paper_cbam_ch[idx],
-            paper_nam_channel=paper_nam_ch[idx],
-            paper_cbam_spatial=98,
-            paper_nam_spatial=paper_nam_sp[idx],
-        ))
+        rows.append(
+            dict(
+                stage=f'layer{idx}',
+                cbam_channel=sum(p.numel() for p in cbam_attn.channel.parameters() if p.dim() > 1),
+                nam_channel=next(m for m in nam_attn.modules() if isinstance(m, NAMChannel)).bn.weight.numel(),
+                cbam_spatial=sum(p.numel() for p in cbam_attn.spatial.parameters() if p.dim() > 1),
+                nam_spatial=next(m for m in nam_attn.modules() if isinstance(m, NAMSpatial)).bn.weight.numel(),
+                paper_cbam_channel=paper_cbam_ch[idx],
+                paper_nam_channel=paper_nam_ch[idx],
+                paper_cbam_spatial=98,
+                paper_nam_spatial=paper_nam_sp[idx],
+            )
+        )
     return rows
 
 
@@ -115,7 +132,8 @@ def _fmt_g(v: Optional[float]) -> str:
 
 def _main_table(title: str, measured: List[Dict]) -> List[str]:
     lines = [
-        f'### {title}', '',
+        f'### {title}',
+        '',
         '| Architecture | timm model | Params (paper) | Params (ours) | FLOPs (paper) | FLOPs (ours) '
         '| MACs only | match |',
         '|---|---|---:|---:|---:|---:|---:|---|',
@@ -128,8 +146,10 @@ def _main_table(title: str, measured: List[Dict]) -> List[str]:
         elif row.note:
             ok += f' ({row.note})'
         lines.append(
-            f"| {row.label} | `{row.model}` | {_fmt_m(row.params_m)} | {m['params'] / 1e6:.3f}M "
-            f"({m['params']:,}) | {_fmt_g(row.flops_g)} | {m['paper_flops'] / 1e9:.3f}G | {m['macs'] / 1e9:.3f}G | {ok} |")
+            f'| {row.label} | `{row.model}` | {_fmt_m(row.params_m)} | {m["params"] / 1e6:.3f}M '
+            f'({m["params"]:,}) | {_fmt_g(row.flops_g)} | {m["paper_flops"] / 1e9:.3f}G '
+            f'| {m["macs"] / 1e9:.3f}G | {ok} |'
+        )
     return lines + ['']
 
 
@@ -143,24 +163,32 @@ def render_tables(table1=None, table2=None, overhead=None) -> str:
     lines += _main_table('Table 2: MobileNetV2 on ImageNet (224x224 input, 1000 classes)', table2)
     lines += [
         f'"match": parameters within {PARAMS_TOL_M}M and FLOPs within {FLOPS_TOL_G}G of the paper\'s rounded values.',
-        'FLOPs (ours) follow the paper\'s counting convention: conv + linear multiply-adds plus 2 ops per element',
-        'of every eval-mode batch norm (NAM\'s pixel normalization included), counted with torch.utils.flop_counter.',
-        '"MACs only" is the plain conv + linear multiply-add count.', '',
-        '### Tables 3-4 (appendix): per-block attention weights in ResNet-50, one block per stage', '',
+        "FLOPs (ours) follow the paper's counting convention: conv + linear multiply-adds plus 2 ops per element",
+        "of every eval-mode batch norm (NAM's pixel normalization included), counted with torch.utils.flop_counter.",
+        '"MACs only" is the plain conv + linear multiply-add count.',
+        '',
+        '### Tables 3-4 (appendix): per-block attention weights in ResNet-50, one block per stage',
+        '',
         '| Stage | CBAM channel (paper) | CBAM channel (ours) | NAM channel (paper) | NAM channel (ours) '
         '| CBAM spatial (paper) | CBAM spatial (ours) | NAM spatial (paper) | NAM spatial (ours) |',
         '|---|---:|---:|---:|---:|---:|---:|---:|---:|',
     ]
     for r in overhead:
         lines.append(
-            f"| {r['stage']} | {r['paper_cbam_channel']:,} | {r['cbam_channel']:,} | {r['paper_nam_channel']:,} "
-            f"| {r['nam_channel']:,} | {r['paper_cbam_spatial']:,} | {r['cbam_spatial']:,} "
-            f"| {r['paper_nam_spatial']:,} | {r['nam_spatial']:,} |")
+            f'| {r["stage"]} | {r["paper_cbam_channel"]:,} | {r["cbam_channel"]:,} | {r["paper_nam_channel"]:,} '
+            f'| {r["nam_channel"]:,} | {r["paper_cbam_spatial"]:,} | {r["cbam_spatial"]:,} '
+            f'| {r["paper_nam_spatial"]:,} | {r["nam_spatial"]:,} |'
+        )
     total = {k: sum(r[k] for r in overhead) for k in overhead[0] if k != 'stage'}
     lines.append(
-        f"| Overhead | {total['paper_cbam_channel']:,} | {total['cbam_channel']:,} | {total['paper_nam_channel']:,} "
-        f"| {total['nam_channel']:,} | {total['paper_cbam_spatial']:,} | {total['cbam_spatial']:,} "
-        f"| {total['paper_nam_spatial']:,} | {total['nam_spatial']:,} |")
-    lines += ['', 'Weights only, as the paper counts them (no biases, no BN shifts); NAM\'s BN layers also hold '
-                  'one shift per scale, which the parameter totals of Tables 1-2 include.', '']
+        f'| Overhead | {total["paper_cbam_channel"]:,} | {total["cbam_channel"]:,} | {total["paper_nam_channel"]:,} '
+        f'| {total["nam_channel"]:,} | {total["paper_cbam_spatial"]:,} | {total["cbam_spatial"]:,} '
+        f'| {total["paper_nam_spatial"]:,} | {total["nam_spatial"]:,} |'
+    )
+    lines += [
+        '',
+        "Weights only, as the paper counts them (no biases, no BN shifts); NAM's BN layers also hold "
+        'one shift per scale, which the parameter totals of Tables 1-2 include.',
+        '',
+    ]
     return '\n'.join(lines)

@@ -1,4 +1,4 @@
+from .bam import BAM
 from .nam import NAM, NAMChannel, NAMGate, NAMSpatial, nam_weights
 from .nam_norm import BatchNorm2dForNAM, BatchNormAct2dForNAM
-from .bam import BAM
 from .triplet import TripletAttention

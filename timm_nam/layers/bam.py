@@ -1,4 +1,4 @@
-""" BAM: Bottleneck Attention Module (a baseline of the NAM paper)
+"""BAM: Bottleneck Attention Module (a baseline of the NAM paper)
 
 Paper: `BAM: Bottleneck Attention Module` - https://arxiv.org/abs/1807.06514
 Shape follows the authors' code (github.com/Jongchan/attention-module): a channel branch
@@ -6,6 +6,7 @@ Shape follows the authors' code (github.com/Jongchan/attention-module): a channe
 two dilated 3x3 convs -> 1x1 to one map), combined as ``x * (1 + sigmoid(Mc + Ms))``.
 BAM sits between stages, not inside blocks.
 """
+
 import torch
 import torch.nn as nn
 
@@ -22,8 +23,9 @@ class BAM(nn.Module):
         num_dilated_convs: number of dilated 3x3 convs in the spatial branch.
     """
 
-    def __init__(self, channels: int, reduction: int = 16, dilation: int = 4, num_dilated_convs: int = 2,
-                 device=None, dtype=None):
+    def __init__(
+        self, channels: int, reduction: int = 16, dilation: int = 4, num_dilated_convs: int = 2, device=None, dtype=None
+    ):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         hidden = max(channels // reduction, 1)
@@ -52,4 +54,4 @@ class BAM(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mc = self.channel_gate(x)[:, :, None, None]
         ms = self.spatial_gate(x)
-        return x * (1. + torch.sigmoid(mc + ms))
+        return x * (1.0 + torch.sigmoid(mc + ms))

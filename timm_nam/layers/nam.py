@@ -1,4 +1,4 @@
-""" NAM: Normalization-based Attention Module
+"""NAM: Normalization-based Attention Module
 
 Paper: `NAM: Normalization-based Attention Module` - https://arxiv.org/abs/2111.12419
 Authors' code: https://github.com/Christian-lyc/NAM
@@ -18,6 +18,7 @@ training an autograd Function keeps one full-size tensor, or none after a NAM-aw
 `timm_nam.layers.nam_functional`). The parameters and running statistics live in an ordinary ``bn`` submodule, so
 state dicts keep the authors' layout (``bn.weight``, ``bn.bias``, ``bn.running_mean``, ...).
 """
+
 from typing import Optional, Tuple, Union
 
 import torch
@@ -26,17 +27,27 @@ import torch.nn.functional as F
 from timm.layers import to_2tuple
 
 from ._compat import register_notrace_function
-from .nam_functional import (
-    channel_gate_train, eager_fast_path, fold_gate, folded_gate, nam_gate, pixel_gate_train)
+from .nam_functional import channel_gate_train, eager_fast_path, fold_gate, folded_gate, nam_gate, pixel_gate_train
 
 __all__ = ['NAMChannel', 'NAMSpatial', 'NAM', 'NAMGate', 'nam_weights']
 
 # Keyword arguments timm's model builders pass to attention / SE layers. NAM has no reduction MLP,
 # gate choice or activation, so these are accepted and ignored; anything else is a TypeError.
-_TIMM_ATTN_KWARGS = frozenset({
-    'act_layer', 'rd_ratio', 'rd_channels', 'rd_divisor', 'rd_round_fn', 'gate_layer',
-    'force_act_layer', 'norm_layer', 'bias', 'mlp_bias', 'se_ratio',
-})
+_TIMM_ATTN_KWARGS = frozenset(
+    {
+        'act_layer',
+        'rd_ratio',
+        'rd_channels',
+        'rd_divisor',
+        'rd_round_fn',
+        'gate_layer',
+        'force_act_layer',
+        'norm_layer',
+        'bias',
+        'mlp_bias',
+        'se_ratio',
+    }
+)
 
 
 def _check_timm_kwargs(layer_name: str, kwargs: dict) -> None:
@@ -74,7 +85,8 @@ def check_nam_feat_size(x: torch.Tensor, feat_size: Tuple[int, int], name: str) 
         raise ValueError(
             f'{name} was built for {feat_size[0]}x{feat_size[1]} feature maps, got {x.shape[2]}x{x.shape[3]}. '
             f'Pixel attention has one scale per pixel position, so it only works at the input size the model '
-            f'was created for: pass img_size= to timm.create_model to build it for another size.')
+            f'was created for: pass img_size= to timm.create_model to build it for another size.'
+        )
 
 
 @register_notrace_function
@@ -91,6 +103,7 @@ def pixel_batch_stats(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torc
 
 class _NAMGate(nn.Module):
     """What the channel and pixel gates share: a batch norm whose scale gives the importance weights."""
+
     # subclasses set self.bn (a batch norm) and self.grad_through_weights
 
     def weights(self) -> torch.Tensor:
@@ -103,7 +116,7 @@ class _NAMGate(nn.Module):
         assert num_batches_tracked is not None
         num_batches_tracked.add_(1)
         momentum = self.bn.momentum
-        return 1. / float(num_batches_tracked) if momentum is None else float(momentum)
+        return 1.0 / float(num_batches_tracked) if momentum is None else float(momentum)
 
 
 class NAMChannel(_NAMGate):
@@ -125,14 +138,14 @@ class NAMChannel(_NAMGate):
     """
 
     def __init__(
-            self,
-            channels: int,
-            grad_through_weights: bool = False,
-            eps: float = 1e-5,
-            momentum: float = 0.1,
-            device=None,
-            dtype=None,
-            **kwargs,
+        self,
+        channels: int,
+        grad_through_weights: bool = False,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        device=None,
+        dtype=None,
+        **kwargs,
     ):
         super().__init__()
         _check_timm_kwargs(type(self).__name__, kwargs)
@@ -155,7 +168,8 @@ class NAMChannel(_NAMGate):
         if not torch.jit.is_scripting():
             if eager_fast_path(x):
                 return channel_gate_train(
-                    x, bn.weight * w, bn.bias * w, bn.running_mean, bn.running_var, factor, bn.eps)
+                    x, bn.weight * w, bn.bias * w, bn.running_mean, bn.running_var, factor, bn.eps
+                )
         y = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight * w, bn.bias * w, True, factor, bn.eps)
         return nam_gate(x, y)
 
@@ -188,22 +202,23 @@ class NAMSpatial(_NAMGate):
     """
 
     def __init__(
-            self,
-            channels: int,
-            feat_size: Optional[Union[int, Tuple[int, int]]] = None,
-            grad_through_weights: bool = False,
-            eps: float = 1e-5,
-            momentum: float = 0.1,
-            device=None,
-            dtype=None,
-            **kwargs,
+        self,
+        channels: int,
+        feat_size: Optional[Union[int, Tuple[int, int]]] = None,
+        grad_through_weights: bool = False,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        device=None,
+        dtype=None,
+        **kwargs,
     ):
         super().__init__()
         _check_timm_kwargs(type(self).__name__, kwargs)
         if feat_size is None:
             raise TypeError(
                 'NAMSpatial needs feat_size=(H, W): it has one scale per pixel position. Use '
-                'functools.partial(NAMSpatial, feat_size=...) or a named model such as resnet50_nam_sp.')
+                'functools.partial(NAMSpatial, feat_size=...) or a named model such as resnet50_nam_sp.'
+            )
         self.channels = channels
         self.feat_size = tuple(to_2tuple(feat_size))
         self.grad_through_weights = grad_through_weights
@@ -254,8 +269,7 @@ class NAMSpatial(_NAMGate):
         return NAMGate(a.view(1, 1, h, w_), b.view(1, 1, h, w_), channels=self.channels, feat_size=self.feat_size)
 
     def extra_repr(self) -> str:
-        return (f'channels={self.channels}, feat_size={self.feat_size}, '
-                f'grad_through_weights={self.grad_through_weights}')
+        return f'channels={self.channels}, feat_size={self.feat_size}, grad_through_weights={self.grad_through_weights}'
 
 
 class NAM(nn.Module):
@@ -266,15 +280,15 @@ class NAM(nn.Module):
     """
 
     def __init__(
-            self,
-            channels: int,
-            feat_size: Optional[Union[int, Tuple[int, int]]] = None,
-            grad_through_weights: bool = False,
-            eps: float = 1e-5,
-            momentum: float = 0.1,
-            device=None,
-            dtype=None,
-            **kwargs,
+        self,
+        channels: int,
+        feat_size: Optional[Union[int, Tuple[int, int]]] = None,
+        grad_through_weights: bool = False,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        device=None,
+        dtype=None,
+        **kwargs,
     ):
         super().__init__()
         _check_timm_kwargs(type(self).__name__, kwargs)
@@ -300,16 +314,17 @@ class NAMGate(nn.Module):
     """
 
     def __init__(
-            self,
-            a: torch.Tensor,
-            b: torch.Tensor,
-            channels: int,
-            feat_size: Optional[Tuple[int, int]] = None,
+        self,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        channels: int,
+        feat_size: Optional[Tuple[int, int]] = None,
     ):
         super().__init__()
         if a.dim() != 4 or a.shape != b.shape:
             raise ValueError(
-                f'NAMGate needs a and b of one 4D broadcast shape, got {list(a.shape)} and {list(b.shape)}')
+                f'NAMGate needs a and b of one 4D broadcast shape, got {list(a.shape)} and {list(b.shape)}'
+            )
         self.channels = channels
         self.feat_size = None if feat_size is None else tuple(to_2tuple(feat_size))
         self.register_buffer('a', a.detach().clone())

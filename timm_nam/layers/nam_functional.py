@@ -1,4 +1,4 @@
-""" NAM's gate math: the reference formula, the memory-efficient training path and the folded inference form.
+"""NAM's gate math: the reference formula, the memory-efficient training path and the folded inference form.
 
 Every NAM gate is ``out = sigmoid(z) * x`` with ``z = w·BN(x)``, and ``w·BN(x)`` is itself a batch norm with scale
 ``w·γ`` and shift ``w·β`` (per channel, or per pixel for NAMSpatial). Three forms of that one computation live here:
@@ -13,6 +13,7 @@ Every NAM gate is ``out = sigmoid(z) * x`` with ``z = w·BN(x)``, and ``w·BN(x)
   statistics from the norm's (mean of ``x`` = β, variance = γ²·σ²/(σ²+ε)) instead of reducing over ``x`` again.
 * `fold_gate`: eval-mode coefficients ``a, b`` with ``out = x · sigmoid(a·x + b)`` (`NAMGate`).
 """
+
 import functools
 import importlib.util
 import os
@@ -25,8 +26,14 @@ from torch.autograd.function import once_differentiable
 from ._compat import register_notrace_function
 
 __all__ = [
-    'nam_gate', 'NormOutput', 'published_norm_output', 'channel_gate_train', 'pixel_gate_train', 'fold_gate',
-    'folded_gate', 'eager_fast_path',
+    'nam_gate',
+    'NormOutput',
+    'published_norm_output',
+    'channel_gate_train',
+    'pixel_gate_train',
+    'fold_gate',
+    'folded_gate',
+    'eager_fast_path',
 ]
 
 # the attribute under which a batch norm publishes its input and statistics on its output tensor
@@ -61,6 +68,7 @@ class NormOutput(NamedTuple):
     """What a training-mode batch norm publishes on its output ``x``: ``x = scale·input + shift`` per channel, and
     the batch mean and biased variance of ``x`` per channel. ``version`` is ``x._version`` at publication, so an
     in-place change of ``x`` afterwards invalidates the record."""
+
     input: torch.Tensor
     scale: torch.Tensor
     shift: torch.Tensor
@@ -92,7 +100,7 @@ def affine(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     param_dtype = x.dtype if x.dtype == torch.float32 or x.dtype == torch.float64 else torch.float32
     if a.shape[1] == x.shape[1] and a.shape[2] == 1 and a.shape[3] == 1:
         a, b = a.reshape(-1).to(param_dtype), b.reshape(-1).to(param_dtype)
-        return torch.nn.functional.batch_norm(x, torch.zeros_like(a), torch.ones_like(a), a, b, False, 0., 0.)
+        return torch.nn.functional.batch_norm(x, torch.zeros_like(a), torch.ones_like(a), a, b, False, 0.0, 0.0)
     return torch.addcmul(b.to(x.dtype), x, a.to(x.dtype))
 
 
@@ -147,6 +155,7 @@ class _GateFn(torch.autograd.Function):
             b = bias - mean * a
             if use_kernels:
                 from .nam_triton import folded_gate_cuda
+
                 out = folded_gate_cuda(x, a.view(shape), b.view(shape))
             else:
                 out = affine(x, a.view(shape), b.view(shape)).sigmoid_().mul_(x)
@@ -165,13 +174,22 @@ class _GateFn(torch.autograd.Function):
         b = bias - mean * a
         if ctx.use_kernels:
             from .nam_triton import gate_backward_cuda
+
             grad_x, grad_weight, grad_bias = gate_backward_cuda(saved, grad, a, b, mean, invstd, ctx.per_pixel, *pre)
             grad_weight, grad_bias = grad_weight.reshape(weight.shape), grad_bias.reshape(bias.shape)
         else:
             x = _restore_input(saved, *pre) if pre else saved
             grad_x, grad_weight, grad_bias = _gate_backward(x, grad, weight, a, b, mean, invstd, ctx.per_pixel)
-        return (grad_x.to(grad.dtype), grad_weight.to(weight.dtype), grad_bias.to(bias.dtype),
-                None, None, None, None, None)
+        return (
+            grad_x.to(grad.dtype),
+            grad_weight.to(weight.dtype),
+            grad_bias.to(bias.dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def _gate_backward(x, grad, weight, a, b, mean, invstd, per_pixel: bool):
@@ -181,7 +199,8 @@ def _gate_backward(x, grad, weight, a, b, mean, invstd, per_pixel: bool):
     grad_logits = torch.ops.aten.sigmoid_backward(grad * x, s)  # grad·x·s·(1 - s)
     if not per_pixel:  # ATen's batch-norm backward over (N, H, W), plus the direct term grad·s
         grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-            grad_logits, x, weight, None, None, mean, invstd, True, 0., [True, True, True])
+            grad_logits, x, weight, None, None, mean, invstd, True, 0.0, [True, True, True]
+        )
         return grad_x.addcmul_(s, grad), grad_weight, grad_bias
     # batch-norm backward over (N, C) for every pixel, in at least float32
     n = x.shape[0] * x.shape[1]
@@ -195,13 +214,13 @@ def _gate_backward(x, grad, weight, a, b, mean, invstd, per_pixel: bool):
 
 
 def channel_gate_train(
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor,
-        running_mean: Optional[torch.Tensor],
-        running_var: Optional[torch.Tensor],
-        factor: float,
-        eps: float,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    factor: float,
+    eps: float,
 ) -> torch.Tensor:
     """Training-mode channel gate ``sigmoid(BN(x; weight, bias)) · x`` (batch statistics; running statistics
     updated with ``factor``), memory-efficient. ``weight``/``bias`` are the gate's effective scale and shift
@@ -223,17 +242,16 @@ def channel_gate_train(
         if mean is not None:
             invstd = torch.rsqrt(var + eps)
             _update_running_stats(running_mean, running_var, mean, var, n, factor)
-    return _GateFn.apply(
-        x, weight, bias, mean, invstd, False, norm, (running_mean, running_var, True, factor, eps))
+    return _GateFn.apply(x, weight, bias, mean, invstd, False, norm, (running_mean, running_var, True, factor, eps))
 
 
 def pixel_gate_train(
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor,
-        mean: torch.Tensor,
-        var: torch.Tensor,
-        eps: float,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    eps: float,
 ) -> torch.Tensor:
     """Training-mode pixel gate with the given per-pixel batch ``mean`` and biased ``var`` of ``x`` (float32,
     computed by the caller, who also updates the running statistics), memory-efficient."""
@@ -242,11 +260,11 @@ def pixel_gate_train(
 
 
 def fold_gate(
-        weight: torch.Tensor,
-        bias: torch.Tensor,
-        running_mean: torch.Tensor,
-        running_var: torch.Tensor,
-        eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    eps: float,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Eval-mode coefficients of ``w·BN(x) = a·x + b`` from the gate's effective scale/shift and running stats."""
     a = weight * torch.rsqrt(running_var + eps)
@@ -261,6 +279,7 @@ def _cuda_kernel_applies(x: torch.Tensor) -> bool:
 
 def _folded_gate_cuda(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     from .nam_triton import folded_gate_cuda
+
     return folded_gate_cuda(x, a, b)
 
 

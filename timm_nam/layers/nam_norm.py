@@ -1,4 +1,4 @@
-""" Batch norms that let the NAM gate right after them train without keeping a tensor of its own.
+"""Batch norms that let the NAM gate right after them train without keeping a tensor of its own.
 
 In every timm-nam model NAM follows a batch norm (ResNet bn3 / bn2, the projection BN of an inverted residual).
 In eager training these norms compute exactly what ``nn.BatchNorm2d`` / timm's ``BatchNormAct2d`` compute, with
@@ -11,6 +11,7 @@ Anything else (eval mode, scripting, FX, torch.compile, an in-place change of th
 replaced by timm's ``freeze_batch_norm_2d`` or ``convert_sync_batchnorm``) leaves the output unmarked and the gate
 falls back to keeping its input: still exact, one full-size tensor more.
 """
+
 from typing import Optional
 
 import torch
@@ -28,8 +29,14 @@ _batch_norm_with_stats = getattr(torch.ops.aten, '_batch_norm_with_update', None
 def _publishing(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> bool:
     # also without grad: a gate must compute the same numbers whether or not autograd records (a reentrant
     # checkpoint runs the forward without grad, then again with it, and needs both runs to agree)
-    return (bn.training and bn.track_running_stats and bn.running_mean is not None
-            and eager_fast_path(x) and x.dim() == 4 and x.numel() > x.shape[1])
+    return (
+        bn.training
+        and bn.track_running_stats
+        and bn.running_mean is not None
+        and eager_fast_path(x)
+        and x.dim() == 4
+        and x.numel() > x.shape[1]
+    )
 
 
 def _normalize_and_publish(bn: nn.modules.batchnorm._BatchNorm, y: torch.Tensor) -> torch.Tensor:
@@ -40,10 +47,12 @@ def _normalize_and_publish(bn: nn.modules.batchnorm._BatchNorm, y: torch.Tensor)
     factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     if _batch_norm_with_stats is not None:  # dispatches to cuDNN / MIOpen where F.batch_norm would
         out, mean, invstd, _ = _batch_norm_with_stats(
-            y, bn.weight, bn.bias, bn.running_mean, bn.running_var, factor, bn.eps)
+            y, bn.weight, bn.bias, bn.running_mean, bn.running_var, factor, bn.eps
+        )
     else:
         out, mean, invstd = torch.native_batch_norm(
-            y, bn.weight, bn.bias, bn.running_mean, bn.running_var, True, factor, bn.eps)
+            y, bn.weight, bn.bias, bn.running_mean, bn.running_var, True, factor, bn.eps
+        )
     with torch.no_grad():
         # the statistics come in the parameters' precision (float32 for half-precision inputs)
         weight = torch.ones_like(mean) if bn.weight is None else bn.weight.detach().to(mean.dtype)
@@ -59,6 +68,7 @@ def _normalize_and_publish(bn: nn.modules.batchnorm._BatchNorm, y: torch.Tensor)
 class _PublishesForNAM:
     """TorchScript cannot compile these forwards (``super()``, tensor attributes); scripting gets the plain class
     with the same parameters, buffers and submodules, and the gate after it then runs its reference formula."""
+
     _plain_class: type
 
     def __prepare_scriptable__(self) -> nn.Module:
@@ -70,6 +80,7 @@ class _PublishesForNAM:
 @register_notrace_module  # a leaf for timm's FX feature extraction, as timm's own norm layers
 class BatchNorm2dForNAM(_PublishesForNAM, nn.BatchNorm2d):
     """``nn.BatchNorm2d`` that, in eager training, marks its output for a NAM gate that follows it."""
+
     _plain_class = nn.BatchNorm2d
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -82,6 +93,7 @@ class BatchNorm2dForNAM(_PublishesForNAM, nn.BatchNorm2d):
 class BatchNormAct2dForNAM(_PublishesForNAM, BatchNormAct2d):
     """timm's ``BatchNormAct2d`` whose activation slot holds a NAM gate: in eager training the gate receives the
     marked norm output (timm's drop and act layers run unchanged)."""
+
     _plain_class = BatchNormAct2d
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

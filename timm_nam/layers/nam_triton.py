@@ -1,4 +1,4 @@
-""" Triton kernels for NAM's gate on CUDA tensors in eager mode.
+"""Triton kernels for NAM's gate on CUDA tensors in eager mode.
 
 In eager PyTorch the gate ``x · sigmoid(a·x + b)`` is three kernels (affine, sigmoid, product) that each read and
 write the whole tensor, and its training backward is about nine. These kernels do the forward in one pass (read x,
@@ -10,6 +10,7 @@ indexed in place. Only imported when a CUDA tensor reaches the gate (``import ti
 Set ``TIMM_NAM_TRITON=0`` to use the PyTorch ops instead. ``TRITON_INTERPRET=1`` runs the kernels on CPU tensors
 (that is how the tests check them on machines without a GPU).
 """
+
 from typing import Optional, Tuple
 
 import torch
@@ -17,7 +18,6 @@ import triton
 import triton.language as tl
 
 __all__ = ['folded_gate_cuda', 'gate_backward_cuda']
-
 
 
 @triton.jit
@@ -28,8 +28,18 @@ def _indices(offs, C, HW, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
-def gate_fwd(x_ptr, a_ptr, b_ptr, out_ptr, numel, C, HW,
-             CHANNELS_LAST: tl.constexpr, PER_PIXEL: tl.constexpr, BLOCK: tl.constexpr):
+def gate_fwd(
+    x_ptr,
+    a_ptr,
+    b_ptr,
+    out_ptr,
+    numel,
+    C,
+    HW,
+    CHANNELS_LAST: tl.constexpr,
+    PER_PIXEL: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     c, p = _indices(offs, C, HW, CHANNELS_LAST)
@@ -42,8 +52,9 @@ def gate_fwd(x_ptr, a_ptr, b_ptr, out_ptr, numel, C, HW,
 
 
 @triton.jit
-def _grad_terms(src, grad, c, g, alpha_ptr, delta_ptr, a_ptr, b_ptr, mean_ptr, invstd_ptr, mask,
-                RECOMPUTE: tl.constexpr):
+def _grad_terms(
+    src, grad, c, g, alpha_ptr, delta_ptr, a_ptr, b_ptr, mean_ptr, invstd_ptr, mask, RECOMPUTE: tl.constexpr
+):
     """x (recomputed from the norm's input if asked), x̂, the direct gradient g·s and ∂z."""
     x = src
     if RECOMPUTE:
@@ -56,8 +67,25 @@ def _grad_terms(src, grad, c, g, alpha_ptr, delta_ptr, a_ptr, b_ptr, mean_ptr, i
 
 
 @triton.jit
-def _tile(src_ptr, grad_ptr, alpha_ptr, delta_ptr, a_ptr, b_ptr, mean_ptr, invstd_ptr, r, k, R, K, C, HW,
-          CHANNELS_LAST: tl.constexpr, PER_PIXEL: tl.constexpr, RECOMPUTE: tl.constexpr):
+def _tile(
+    src_ptr,
+    grad_ptr,
+    alpha_ptr,
+    delta_ptr,
+    a_ptr,
+    b_ptr,
+    mean_ptr,
+    invstd_ptr,
+    r,
+    k,
+    R,
+    K,
+    C,
+    HW,
+    CHANNELS_LAST: tl.constexpr,
+    PER_PIXEL: tl.constexpr,
+    RECOMPUTE: tl.constexpr,
+):
     """∂z and ∂z·x̂ on the tile rows r × columns k of the (R, K) matrix view, zero outside it."""
     mask = (r[:, None] < R) & (k[None, :] < K)
     zero = (r[:, None] * 0 + k[None, :] * 0).to(tl.int64)
@@ -69,27 +97,62 @@ def _tile(src_ptr, grad_ptr, alpha_ptr, delta_ptr, a_ptr, b_ptr, mean_ptr, invst
         p = zero + k[None, :]
     g = p if PER_PIXEL else c
     offs = r[:, None] * K + k[None, :]
-    src = tl.load(src_ptr + offs, mask=mask, other=0.).to(tl.float32)
-    grad = tl.load(grad_ptr + offs, mask=mask, other=0.).to(tl.float32)
-    _, x_hat, _, grad_z = _grad_terms(src, grad, c, g, alpha_ptr, delta_ptr, a_ptr, b_ptr, mean_ptr,
-                                       invstd_ptr, mask, RECOMPUTE)
-    grad_z = tl.where(mask, grad_z, 0.)
+    src = tl.load(src_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    grad = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    _, x_hat, _, grad_z = _grad_terms(
+        src, grad, c, g, alpha_ptr, delta_ptr, a_ptr, b_ptr, mean_ptr, invstd_ptr, mask, RECOMPUTE
+    )
+    grad_z = tl.where(mask, grad_z, 0.0)
     return grad_z, grad_z * x_hat
 
 
 @triton.jit
-def gate_bwd_reduce_rows(src_ptr, grad_ptr, alpha_ptr, delta_ptr, a_ptr, b_ptr, mean_ptr, invstd_ptr,
-                         sum_ptr, sum_xhat_ptr, R, K, C, HW,
-                         CHANNELS_LAST: tl.constexpr, PER_PIXEL: tl.constexpr, RECOMPUTE: tl.constexpr,
-                         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+def gate_bwd_reduce_rows(
+    src_ptr,
+    grad_ptr,
+    alpha_ptr,
+    delta_ptr,
+    a_ptr,
+    b_ptr,
+    mean_ptr,
+    invstd_ptr,
+    sum_ptr,
+    sum_xhat_ptr,
+    R,
+    K,
+    C,
+    HW,
+    CHANNELS_LAST: tl.constexpr,
+    PER_PIXEL: tl.constexpr,
+    RECOMPUTE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """Groups are rows (channels of NCHW, pixels of channels-last): a program sums whole rows."""
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     acc = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc_xhat = tl.zeros([BLOCK_R], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        gz, gzx = _tile(src_ptr, grad_ptr, alpha_ptr, delta_ptr, a_ptr, b_ptr, mean_ptr, invstd_ptr, r, k,
-                        R, K, C, HW, CHANNELS_LAST, PER_PIXEL, RECOMPUTE)
+        gz, gzx = _tile(
+            src_ptr,
+            grad_ptr,
+            alpha_ptr,
+            delta_ptr,
+            a_ptr,
+            b_ptr,
+            mean_ptr,
+            invstd_ptr,
+            r,
+            k,
+            R,
+            K,
+            C,
+            HW,
+            CHANNELS_LAST,
+            PER_PIXEL,
+            RECOMPUTE,
+        )
         acc += tl.sum(gz, axis=1)
         acc_xhat += tl.sum(gzx, axis=1)
     group = r % HW if CHANNELS_LAST else r % C
@@ -98,10 +161,28 @@ def gate_bwd_reduce_rows(src_ptr, grad_ptr, alpha_ptr, delta_ptr, a_ptr, b_ptr, 
 
 
 @triton.jit
-def gate_bwd_reduce_cols(src_ptr, grad_ptr, alpha_ptr, delta_ptr, a_ptr, b_ptr, mean_ptr, invstd_ptr,
-                         sum_ptr, sum_xhat_ptr, R, K, C, HW, ROWS_PER_PROG,
-                         CHANNELS_LAST: tl.constexpr, PER_PIXEL: tl.constexpr, RECOMPUTE: tl.constexpr,
-                         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+def gate_bwd_reduce_cols(
+    src_ptr,
+    grad_ptr,
+    alpha_ptr,
+    delta_ptr,
+    a_ptr,
+    b_ptr,
+    mean_ptr,
+    invstd_ptr,
+    sum_ptr,
+    sum_xhat_ptr,
+    R,
+    K,
+    C,
+    HW,
+    ROWS_PER_PROG,
+    CHANNELS_LAST: tl.constexpr,
+    PER_PIXEL: tl.constexpr,
+    RECOMPUTE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """Groups are columns (channels of channels-last, pixels of NCHW): a program sums a slab of rows of one
     column tile."""
     k = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -111,8 +192,25 @@ def gate_bwd_reduce_cols(src_ptr, grad_ptr, alpha_ptr, delta_ptr, a_ptr, b_ptr, 
     for r0 in range(0, ROWS_PER_PROG, BLOCK_R):
         r = row0 + r0 + tl.arange(0, BLOCK_R).to(tl.int64)
         r = tl.where(r < row0 + ROWS_PER_PROG, r, R)  # rows of the next slab count as outside
-        gz, gzx = _tile(src_ptr, grad_ptr, alpha_ptr, delta_ptr, a_ptr, b_ptr, mean_ptr, invstd_ptr, r, k,
-                        R, K, C, HW, CHANNELS_LAST, PER_PIXEL, RECOMPUTE)
+        gz, gzx = _tile(
+            src_ptr,
+            grad_ptr,
+            alpha_ptr,
+            delta_ptr,
+            a_ptr,
+            b_ptr,
+            mean_ptr,
+            invstd_ptr,
+            r,
+            k,
+            R,
+            K,
+            C,
+            HW,
+            CHANNELS_LAST,
+            PER_PIXEL,
+            RECOMPUTE,
+        )
         acc += tl.sum(gz, axis=0)
         acc_xhat += tl.sum(gzx, axis=0)
     tl.atomic_add(sum_ptr + k, acc, mask=k < K)
@@ -120,18 +218,36 @@ def gate_bwd_reduce_cols(src_ptr, grad_ptr, alpha_ptr, delta_ptr, a_ptr, b_ptr, 
 
 
 @triton.jit
-def gate_bwd_dx(src_ptr, grad_ptr, alpha_ptr, delta_ptr, a_ptr, b_ptr, mean_ptr, invstd_ptr,
-                sum_ptr, sum_xhat_ptr, dx_ptr, numel, C, HW, inv_n,
-                CHANNELS_LAST: tl.constexpr, PER_PIXEL: tl.constexpr, RECOMPUTE: tl.constexpr,
-                BLOCK: tl.constexpr):
+def gate_bwd_dx(
+    src_ptr,
+    grad_ptr,
+    alpha_ptr,
+    delta_ptr,
+    a_ptr,
+    b_ptr,
+    mean_ptr,
+    invstd_ptr,
+    sum_ptr,
+    sum_xhat_ptr,
+    dx_ptr,
+    numel,
+    C,
+    HW,
+    inv_n,
+    CHANNELS_LAST: tl.constexpr,
+    PER_PIXEL: tl.constexpr,
+    RECOMPUTE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     c, p = _indices(offs, C, HW, CHANNELS_LAST)
     g = p if PER_PIXEL else c
     src = tl.load(src_ptr + offs, mask=mask).to(tl.float32)
     grad = tl.load(grad_ptr + offs, mask=mask).to(tl.float32)
-    a, x_hat, grad_direct, grad_z = _grad_terms(src, grad, c, g, alpha_ptr, delta_ptr, a_ptr, b_ptr, mean_ptr,
-                                                 invstd_ptr, mask, RECOMPUTE)
+    a, x_hat, grad_direct, grad_z = _grad_terms(
+        src, grad, c, g, alpha_ptr, delta_ptr, a_ptr, b_ptr, mean_ptr, invstd_ptr, mask, RECOMPUTE
+    )
     mean_gz = tl.load(sum_ptr + g, mask=mask) * inv_n
     mean_gz_xhat = tl.load(sum_xhat_ptr + g, mask=mask) * inv_n
     dx = grad_direct + a * (grad_z - mean_gz - x_hat * mean_gz_xhat)
@@ -163,21 +279,30 @@ def folded_gate_cuda(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch
     numel = x.numel()
     if numel:
         gate_fwd[(triton.cdiv(numel, _BLOCK),)](
-            x, _group_vec(a), _group_vec(b), out, numel, c, h * w,
-            CHANNELS_LAST=channels_last, PER_PIXEL=per_pixel, BLOCK=_BLOCK)
+            x,
+            _group_vec(a),
+            _group_vec(b),
+            out,
+            numel,
+            c,
+            h * w,
+            CHANNELS_LAST=channels_last,
+            PER_PIXEL=per_pixel,
+            BLOCK=_BLOCK,
+        )
     return out
 
 
 def gate_backward_cuda(
-        src: torch.Tensor,
-        grad: torch.Tensor,
-        a: torch.Tensor,
-        b: torch.Tensor,
-        mean: torch.Tensor,
-        invstd: torch.Tensor,
-        per_pixel: bool,
-        pre_scale: Optional[torch.Tensor] = None,
-        pre_shift: Optional[torch.Tensor] = None,
+    src: torch.Tensor,
+    grad: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    per_pixel: bool,
+    pre_scale: Optional[torch.Tensor] = None,
+    pre_shift: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of the training gate ``x · sigmoid(z)``, ``z = a·x + b`` being a batch norm of ``x`` with batch
     statistics ``mean``, ``invstd`` and effective scale ``a/invstd`` (per group): returns ``∂x`` and, per group,
@@ -203,10 +328,29 @@ def gate_backward_cuda(
         rows_per_prog = max(1, triton.cdiv(rows, 256 * block_r)) * block_r
         grid = (triton.cdiv(rows, rows_per_prog), triton.cdiv(cols, block_k))
         gate_bwd_reduce_cols[grid](*args, rows_per_prog, **flags, BLOCK_R=block_r, BLOCK_K=block_k)
-    dx = torch.empty(src.shape, device=src.device, dtype=grad.dtype,
-                     memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    dx = torch.empty(
+        src.shape,
+        device=src.device,
+        dtype=grad.dtype,
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format,
+    )
     numel = src.numel()
     gate_bwd_dx[(triton.cdiv(numel, _BLOCK),)](
-        src, grad, alpha, delta, *vecs, sums[0], sums[1], dx, numel, c, hw, 1.0 / (numel // groups),
-        CHANNELS_LAST=channels_last, PER_PIXEL=per_pixel, RECOMPUTE=recompute, BLOCK=_BLOCK)
+        src,
+        grad,
+        alpha,
+        delta,
+        *vecs,
+        sums[0],
+        sums[1],
+        dx,
+        numel,
+        c,
+        hw,
+        1.0 / (numel // groups),
+        CHANNELS_LAST=channels_last,
+        PER_PIXEL=per_pixel,
+        RECOMPUTE=recompute,
+        BLOCK=_BLOCK,
+    )
     return dx, sums[1], sums[0]

@@ -1,10 +1,11 @@
-""" Triplet attention (TAM, a baseline of the NAM paper)
+"""Triplet attention (TAM, a baseline of the NAM paper)
 
 Paper: `Rotate to Attend: Convolutional Triplet Attention Module` - https://arxiv.org/abs/2010.03045
 Shape follows the authors' code (github.com/landskape-ai/triplet-attention): three branches, each
 a 7x7 conv + BN over the [max, mean] pooling of a rotated view of the input (C-W, H-C and H-W
 planes), gating that view; the three gated outputs are averaged.
 """
+
 import torch
 import torch.nn as nn
 
@@ -39,4 +40,4 @@ class TripletAttention(nn.Module):
         out_cw = self.gate_cw(x.permute(0, 2, 1, 3)).permute(0, 2, 1, 3)
         out_hc = self.gate_hc(x.permute(0, 3, 2, 1)).permute(0, 3, 2, 1)
         out_hw = self.gate_hw(x)
-        return (out_cw + out_hc + out_hw) / 3.
+        return (out_cw + out_hc + out_hw) / 3.0

@@ -1,8 +1,9 @@
-""" Named attention kinds that the model families place in their blocks or between stages.
+"""Named attention kinds that the model families place in their blocks or between stages.
 
 Models take these names (not classes) as constructor arguments, so their configs stay plain data
 (timm's ``save_for_hf`` refuses class-valued model kwargs) and every variant has one name.
 """
+
 import math
 from typing import Optional, Tuple
 
@@ -14,7 +15,12 @@ from ..layers import BAM, NAM, NAMChannel, NAMSpatial, TripletAttention
 from ..layers.nam_norm import for_nam
 
 __all__ = [
-    'BLOCK_ATTN_KINDS', 'STAGE_ATTN_KINDS', 'create_block_attn', 'create_stage_attn', 'feat_size_at', 'norm_before_attn',
+    'BLOCK_ATTN_KINDS',
+    'STAGE_ATTN_KINDS',
+    'create_block_attn',
+    'create_stage_attn',
+    'feat_size_at',
+    'norm_before_attn',
 ]
 
 # Baselines use the NAM paper's reduction r=16 with hidden width C // 16; these exact choices are the

@@ -1,4 +1,5 @@
-""" Pretrained-cfg fields shared by every timm-nam model. """
+"""Pretrained-cfg fields shared by every timm-nam model."""
+
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 __all__ = ['nam_cfg', 'cifar_cfg', 'hub_id', 'HF_ORG', 'CIFAR100_MEAN', 'CIFAR100_STD']
@@ -9,6 +10,7 @@ HF_ORG = 'timm-nam'
 
 def hub_id(model_name: str, tag: str) -> str:
     return f'{HF_ORG}/{model_name}.{tag}'
+
 
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
@@ -42,6 +44,13 @@ def nam_cfg(first_conv: str, classifier: str, **kwargs) -> dict:
 
 def cifar_cfg(first_conv: str, classifier: str, **kwargs) -> dict:
     return nam_cfg(
-        first_conv, classifier,
-        num_classes=100, input_size=(3, 32, 32), pool_size=(4, 4), crop_pct=1.0,
-        mean=CIFAR100_MEAN, std=CIFAR100_STD, **kwargs)
+        first_conv,
+        classifier,
+        num_classes=100,
+        input_size=(3, 32, 32),
+        pool_size=(4, 4),
+        crop_pct=1.0,
+        mean=CIFAR100_MEAN,
+        std=CIFAR100_STD,
+        **kwargs,
+    )

@@ -1,4 +1,4 @@
-""" MobileNetV2 / EfficientNet-B0 with NAM (and the NAM paper's baselines) at the end of every block.
+"""MobileNetV2 / EfficientNet-B0 with NAM (and the NAM paper's baselines) at the end of every block.
 
 The paper puts NAM "at the end of each network block": after the projection (pointwise-linear) BN
 of each inverted residual, before the shortcut add. timm's ``se_layer`` slot sits elsewhere (after
@@ -16,6 +16,7 @@ Plain timm weights (``mobilenetv2_100``) keep their keys, so they load with ``st
   same block-end position, BAM after each of the 7 stages).
 * ``efficientnet_b0_nam``: timm's EfficientNet-B0 (its own SE kept) plus channel NAM at every block end.
 """
+
 import math
 from functools import partial
 from typing import Optional, Tuple, Union
@@ -53,12 +54,12 @@ class AttnEfficientNet(EfficientNet):
     """
 
     def __init__(
-            self,
-            *args,
-            block_attn: Optional[str] = None,
-            stage_attn: Optional[str] = None,
-            img_size: Union[int, Tuple[int, int]] = 224,
-            **kwargs,
+        self,
+        *args,
+        block_attn: Optional[str] = None,
+        stage_attn: Optional[str] = None,
+        img_size: Union[int, Tuple[int, int]] = 224,
+        **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.img_size = to_2tuple(img_size)
@@ -145,17 +146,19 @@ def _cfg(fixed: bool = False, **kwargs):
 # A trained tag joins these cfgs when its weights are published (hub_configs/README.md). timm promotes the first
 # tag with weights to an architecture's default unless a later '<arch>.*' key claims it: a published tag goes
 # before an '<arch>.*' key so the untagged, ImageNet-shaped cfg stays the default.
-default_cfgs = generate_default_cfgs({
-    'mobilenetv2_nam': _cfg(fixed=True),
-    'mobilenetv2_100_nam': _cfg(fixed=True),
-    'mobilenetv2_100_nam_ch': _cfg(),
-    'mobilenetv2_140_nam': _cfg(fixed=True),
-    'mobilenetv2_050_nam': _cfg(fixed=True),
-    'mobilenetv2_100_se': _cfg(),
-    'mobilenetv2_100_cbam': _cfg(),
-    'mobilenetv2_100_bam': _cfg(),
-    'efficientnet_b0_nam': _cfg(),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        'mobilenetv2_nam': _cfg(fixed=True),
+        'mobilenetv2_100_nam': _cfg(fixed=True),
+        'mobilenetv2_100_nam_ch': _cfg(),
+        'mobilenetv2_140_nam': _cfg(fixed=True),
+        'mobilenetv2_050_nam': _cfg(fixed=True),
+        'mobilenetv2_100_se': _cfg(),
+        'mobilenetv2_100_cbam': _cfg(),
+        'mobilenetv2_100_bam': _cfg(),
+        'efficientnet_b0_nam': _cfg(),
+    }
+)
 
 
 @register_model

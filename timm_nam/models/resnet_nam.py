@@ -1,4 +1,4 @@
-""" ResNets with NAM (and the NAM paper's baselines) in every residual block.
+"""ResNets with NAM (and the NAM paper's baselines) in every residual block.
 
 NAM sits where timm puts block attention: after the last conv+BN of the residual branch, before
 drop-path and the residual add (Bottleneck: after bn3; BasicBlock: after bn2), in every block.
@@ -13,6 +13,7 @@ drop-path and the residual add (Bottleneck: after bn3; BasicBlock: after bn2), i
 Spatial (pixel) NAM has one scale per feature-map position, so models with it are built for one
 input size (``img_size=``, default the cfg's) and their cfg says ``fixed_input_size=True``.
 """
+
 from functools import partial
 from typing import Optional, Tuple, Union
 
@@ -51,16 +52,16 @@ class AttnResNet(ResNet):
     """
 
     def __init__(
-            self,
-            block,
-            layers: Tuple[int, ...],
-            block_attn: Optional[str] = None,
-            stage_attn: Optional[str] = None,
-            stage_attn_stages: Tuple[int, ...] = (0, 1, 2),
-            cifar_stem: bool = False,
-            img_size: Union[int, Tuple[int, int]] = 224,
-            output_stride: int = 32,
-            **kwargs,
+        self,
+        block,
+        layers: Tuple[int, ...],
+        block_attn: Optional[str] = None,
+        stage_attn: Optional[str] = None,
+        stage_attn_stages: Tuple[int, ...] = (0, 1, 2),
+        cifar_stem: bool = False,
+        img_size: Union[int, Tuple[int, int]] = 224,
+        output_stride: int = 32,
+        **kwargs,
     ):
         if cifar_stem and output_stride != 32:
             raise ValueError(f'cifar_stem models support output_stride=32 only, got {output_stride}')
@@ -71,8 +72,11 @@ class AttnResNet(ResNet):
         if block_attn is not None:
             stem_reduction = 1 if cifar_stem else 4
             block = tuple(
-                _block_with_attn(block, block_attn, feat_size_at(self.img_size, min(stem_reduction * 2 ** i, output_stride)))
-                for i in range(num_stages))
+                _block_with_attn(
+                    block, block_attn, feat_size_at(self.img_size, min(stem_reduction * 2**i, output_stride))
+                )
+                for i in range(num_stages)
+            )
         super().__init__(block, layers, output_stride=output_stride, **kwargs)
         dd = dict(device=kwargs.get('device'), dtype=kwargs.get('dtype'))
         if cifar_stem:
@@ -111,25 +115,27 @@ def _rn_cifar_cfg(fixed: bool = False, **kwargs):
 
 # A trained tag joins these cfgs when its weights are published (hub_configs/README.md; where it goes: see
 # efficientnet_nam.py); the untagged cfgs are the ImageNet-shaped architectures, without weights.
-default_cfgs = generate_default_cfgs({
-    'resnet18_nam': _rn_cfg(),
-    'resnet18_nam_sp': _rn_cfg(fixed=True),
-    'resnet18_se': _rn_cfg(),
-    'resnet18_cbam': _rn_cfg(),
-    'resnet34_nam': _rn_cfg(),
-    'resnet50_nam': _rn_cfg(),
-    'resnet101_nam': _rn_cfg(),
-    'resnet50_nam_sp': _rn_cfg(fixed=True),
-    'resnet50_nam_chsp': _rn_cfg(fixed=True),
-    'resnet50_cifar': _rn_cifar_cfg(),
-    'resnet50_cifar_se': _rn_cifar_cfg(),
-    'resnet50_cifar_cbam': _rn_cifar_cfg(),
-    'resnet50_cifar_bam': _rn_cifar_cfg(),
-    'resnet50_cifar_tam': _rn_cifar_cfg(),
-    'resnet50_cifar_nam': _rn_cifar_cfg(),
-    'resnet50_cifar_nam_sp': _rn_cifar_cfg(fixed=True),
-    'resnet50_cifar_nam_chsp': _rn_cifar_cfg(fixed=True),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        'resnet18_nam': _rn_cfg(),
+        'resnet18_nam_sp': _rn_cfg(fixed=True),
+        'resnet18_se': _rn_cfg(),
+        'resnet18_cbam': _rn_cfg(),
+        'resnet34_nam': _rn_cfg(),
+        'resnet50_nam': _rn_cfg(),
+        'resnet101_nam': _rn_cfg(),
+        'resnet50_nam_sp': _rn_cfg(fixed=True),
+        'resnet50_nam_chsp': _rn_cfg(fixed=True),
+        'resnet50_cifar': _rn_cifar_cfg(),
+        'resnet50_cifar_se': _rn_cifar_cfg(),
+        'resnet50_cifar_cbam': _rn_cifar_cfg(),
+        'resnet50_cifar_bam': _rn_cifar_cfg(),
+        'resnet50_cifar_tam': _rn_cifar_cfg(),
+        'resnet50_cifar_nam': _rn_cifar_cfg(),
+        'resnet50_cifar_nam_sp': _rn_cifar_cfg(fixed=True),
+        'resnet50_cifar_nam_chsp': _rn_cifar_cfg(fixed=True),
+    }
+)
 
 _R18 = dict(block=BasicBlock, layers=(2, 2, 2, 2))
 _R34 = dict(block=BasicBlock, layers=(3, 4, 6, 3))
