@@ -73,9 +73,9 @@ VARIANTS = {
         ('base', lambda s: timm.create_model('mobilenetv2_100')),
         ('SE', lambda s: timm.create_model('mobilenetv2_100_se')),
         ('CBAM', lambda s: timm.create_model('mobilenetv2_100_cbam')),
-        ('NAM ch (ours)', lambda s: timm.create_model('mobilenetv2_100_nam_ch')),
-        ('NAM ch+sp (ours)', lambda s: timm.create_model('mobilenetv2_100_nam', img_size=s)),
-        ('sigmoid floor', lambda s: _replace_nam(timm.create_model('mobilenetv2_100_nam_ch'), SigmoidFloor)),
+        ('NAM ch (ours)', lambda s: timm.create_model('mobilenetv2_100_nam')),
+        ('NAM ch+sp (ours)', lambda s: timm.create_model('mobilenetv2_100_nam_chsp', img_size=s)),
+        ('sigmoid floor', lambda s: _replace_nam(timm.create_model('mobilenetv2_100_nam'), SigmoidFloor)),
     ],
 }
 

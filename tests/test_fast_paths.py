@@ -58,6 +58,9 @@ def test_training_path_equals_formula_float64(kind, after_norm, through):
     layer.grad_through_weights = through
     randomize_bn(layer.bn)
     ref = copy.deepcopy(layer)
+    if kind == 'pixel':  # the authors' BatchNorm1d(H·W), with the same state
+        ref.bn = nn.BatchNorm1d(20).double()
+        ref.bn.load_state_dict(layer.bn.state_dict())
     pre = _nam_aware_bn(6) if after_norm else nn.Identity()
     ref_pre = _plain_copy(pre) if after_norm else nn.Identity()
     for step in range(3):
@@ -196,7 +199,7 @@ def test_models_use_nam_aware_norms_with_unchanged_keys():
     assert all(type(b.bn3) is BatchNorm2dForNAM for s in (model.layer1, model.layer4) for b in s)
     assert type(model.layer1[0].bn1) is nn.BatchNorm2d  # only the norms that feed a gate
     mbv2, plain = (
-        set(timm.create_model('mobilenetv2_100_nam_ch').state_dict()),
+        set(timm.create_model('mobilenetv2_100_nam').state_dict()),
         set(timm.create_model('mobilenetv2_100').state_dict()),
     )
     assert plain < mbv2 and all('.act.bn.' in k for k in mbv2 - plain)  # timm's keys plus the gates' own
@@ -206,7 +209,7 @@ def test_models_use_nam_aware_norms_with_unchanged_keys():
     'name,base',
     [
         ('resnet18_nam', 'resnet18'),
-        ('mobilenetv2_100_nam_ch', 'mobilenetv2_100'),
+        ('mobilenetv2_100_nam', 'mobilenetv2_100'),
         ('efficientnet_b0_nam', 'efficientnet_b0'),
     ],
 )
@@ -229,7 +232,7 @@ def test_model_training_keeps_the_activations_of_the_plain_model(name, base):
     assert nam <= 1.01 * plain, (nam, plain)
 
 
-@pytest.mark.parametrize('name', ['resnet18_nam', 'mobilenetv2_100_nam_ch'])
+@pytest.mark.parametrize('name', ['resnet18_nam', 'mobilenetv2_100_nam'])
 @pytest.mark.parametrize('reentrant', [False, True])
 def test_training_with_grad_checkpointing_gives_the_same_gradients(name, reentrant):
     """Checkpointed blocks are recomputed in backward (timm's set_grad_checkpointing; the reentrant variant runs the
@@ -312,18 +315,17 @@ def test_fused_gate_checks_its_input():
         NAMChannel(8).fuse()(torch.randn(1, 4, 3, 3))
 
 
-@pytest.mark.parametrize('name', ['resnet18_nam', 'resnet18_nam_sp', 'mobilenetv2_100_nam', 'efficientnet_b0_nam'])
+@pytest.mark.parametrize(
+    'name',
+    ['resnet18_nam', 'resnet18_nam_sp', 'mobilenetv2_100_nam', 'mobilenetv2_050_nam_chsp', 'efficientnet_b0_nam'],
+)
 def test_reparameterize_model_folds_every_gate(name):
     model = timm.create_model(name, num_classes=7)
     for m in model.modules():
         if isinstance(m, (NAMChannel, NAMSpatial)):
             randomize_bn(m.bn)
     model.eval()
-    size = (
-        timm.get_pretrained_cfg_value(name, 'input_size')
-        if 'sp' in name or name == 'mobilenetv2_100_nam'
-        else (3, 64, 64)
-    )
+    size = timm.get_pretrained_cfg_value(name, 'input_size') if 'sp' in name else (3, 64, 64)
     x = torch.randn(2, *size)
     expected = model(x)
     fused = reparameterize_model(model)

@@ -1,6 +1,7 @@
 """NAM layers: the paper's formulas (float64, train and eval), options, edge cases and timm slots."""
 
 import copy
+import math
 from functools import partial
 
 import pytest
@@ -67,14 +68,15 @@ def test_gradients_match_formula(make):
         ref_bn.load_state_dict(layer.bn.state_dict())
         xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
         layer(xa).square().sum().backward()
+        # the weighting written out, not taken from the code under test: |γ| / Σ|γ|, from .data as the authors' code
+        scale = ref_bn.weight if through else ref_bn.weight.detach()
+        weights = scale.abs() / scale.abs().sum()
         if isinstance(layer, NAMChannel):
-            w = nam_weights(ref_bn.weight, detach=not through)
-            ref = torch.sigmoid(ref_bn(xb) * w.view(1, -1, 1, 1)) * xb
+            ref = torch.sigmoid(ref_bn(xb) * weights.view(1, -1, 1, 1)) * xb
         else:
             n, c, h, w_ = xb.shape
             y = ref_bn(xb.permute(0, 2, 3, 1).reshape(n, h * w_, c)).reshape(n, h, w_, c).permute(0, 3, 1, 2)
-            lam = nam_weights(ref_bn.weight, detach=not through)
-            ref = torch.sigmoid(y * lam.view(1, 1, h, w_)) * xb
+            ref = torch.sigmoid(y * weights.view(1, 1, h, w_)) * xb
         ref.square().sum().backward()
         torch.testing.assert_close(layer.bn.weight.grad, ref_bn.weight.grad, atol=1e-9, rtol=1e-7)
         torch.testing.assert_close(layer.bn.bias.grad, ref_bn.bias.grad, atol=1e-9, rtol=1e-7)
@@ -93,11 +95,19 @@ def test_grad_through_weights_changes_the_scale_gradient():
     assert not torch.allclose(grads[0], grads[1])
 
 
-def test_initial_gate_is_half():
-    layer = NAMChannel(4).eval()  # fresh running stats: BN(x) = x/sqrt(1+eps); weights 1/4
+def test_initial_gate_is_about_half():
+    """At init every weight is 1/C and BN's output has unit scale, so the gate is σ(x̂/C) ≈ 0.5 for inputs of
+    ordinary size, and exactly σ(x/√(1+ε)/C) in eval with fresh running statistics."""
+    layer = NAMChannel(4).eval()
     x = torch.zeros(1, 4, 3, 3) + 2.0
-    expected = torch.sigmoid(torch.tensor(2.0 / (1 + 1e-5) ** 0.5 / 4)) * 2.0
-    torch.testing.assert_close(layer(x), torch.full_like(x, float(expected)))
+    gate = layer(x) / x
+    torch.testing.assert_close(gate, torch.full_like(x, 1 / (1 + math.exp(-2.0 / math.sqrt(1 + 1e-5) / 4))))
+    assert ((gate - 0.5).abs() < 0.125).all()  # σ(0.5) = 0.62: half a unit from the neutral gate
+    torch.manual_seed(0)
+    x = torch.randn(8, 4, 5, 5) * 3 + 1  # in training BN standardizes with the batch statistics: σ(x̂/4)
+    x = torch.where(x.abs() < 0.1, torch.ones_like(x), x)
+    gate = NAMChannel(4).train()(x) / x
+    assert ((gate > 0.22) & (gate < 0.78)).all() and abs(float(gate.mean()) - 0.5) < 0.02  # |x̂| < 5: σ(±1.25)
 
 
 @pytest.mark.parametrize('make', [lambda: NAMChannel(5), lambda: NAMSpatial(5, feat_size=3), lambda: NAM(5, 3)])
@@ -167,16 +177,17 @@ def test_torchscript_matches_eager(make):
         torch.testing.assert_close(scripted(x), layer(x))
 
 
-def test_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize('backend', ['aot_eager', 'inductor'])
+def test_compile_fullgraph_matches_eager(backend):
     layer = NAM(8, 5).train()
-    compiled = torch.compile(layer, fullgraph=True, backend='aot_eager')
+    compiled = torch.compile(layer, fullgraph=True, backend=backend)
     x = torch.randn(2, 8, 5, 5)
     torch.testing.assert_close(compiled(x), layer(x))
     layer.eval()
     torch.testing.assert_close(compiled(x), layer(x))
 
 
-def test_sync_batchnorm_conversion_keeps_the_gate():
+def test_sync_batchnorm_conversion_keeps_the_eval_gate():
     layer = NAMChannel(4).eval()
     randomize_bn(layer.bn)
     x = torch.randn(2, 4, 3, 3)
@@ -194,6 +205,20 @@ def test_baseline_layers_shapes_and_counts():
     tam = TripletAttention(256)
     assert tam(x).shape == x.shape
     assert sum(p.numel() for p in tam.parameters()) == 300
+
+
+@pytest.mark.parametrize('combine', ['sum', 'product'])
+def test_bam_combines_branches_as_the_paper_or_the_authors_code(combine):
+    torch.manual_seed(0)
+    bam = BAM(32, combine=combine).eval()
+    x = torch.randn(2, 32, 6, 6)
+    mc = bam.channel_gate(x)[:, :, None, None]
+    ms = bam.spatial_gate(x)
+    att = mc + ms if combine == 'sum' else mc * ms  # BAM paper Eq. 1-2 / Jongchan/attention-module's bam.py
+    torch.testing.assert_close(bam(x), x * (1 + torch.sigmoid(att)))
+    assert BAM(32).combine == 'sum'
+    with pytest.raises(ValueError, match="combine must be 'sum'"):
+        BAM(32, combine='max')
 
 
 @pytest.mark.parametrize('dtype,tol', [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)])

@@ -1,6 +1,7 @@
 """Every registered timm-nam model against the checks of timm's own tests/test_models.py, plus the
 paper's parameter counts and the placement of NAM."""
 
+import copy
 import math
 import weakref
 
@@ -11,12 +12,12 @@ from timm.models import get_pretrained_cfg_value
 from timm.models._hub import save_for_hf  # not re-exported by timm.models before 1.0.16
 
 import timm_nam  # noqa: F401  registers the models also when TIMM_DISABLE_PLUGINS is set
-from tests.helpers import TIMM_LOCAL_DIR
+from tests.helpers import PAPER_PARAMS, TIMM_LOCAL_DIR
 from timm_nam import NAM, NAMChannel, NAMSpatial
 
 ALL_MODELS = sorted(timm.list_models(module='resnet_nam') + timm.list_models(module='efficientnet_nam'))
 # the big ones are covered by their smaller siblings in the slow-path tests below
-FAST_MODELS = [m for m in ALL_MODELS if m not in ('resnet101_nam', 'mobilenetv2_140_nam')]
+FAST_MODELS = [m for m in ALL_MODELS if m not in ('resnet101_nam', 'mobilenetv2_140_nam', 'mobilenetv2_140_nam_chsp')]
 
 # sizes as timm's test suite picks them, smaller where the model allows it (2-core CPU)
 TARGET_FWD, TARGET_BWD, TARGET_JIT, TARGET_FEAT = 160, 96, 96, 96
@@ -42,9 +43,11 @@ def test_model_list():
         'resnet50_nam_chsp',
         'mobilenetv2_nam',
         'mobilenetv2_100_nam',
-        'mobilenetv2_100_nam_ch',
         'mobilenetv2_140_nam',
         'mobilenetv2_050_nam',
+        'mobilenetv2_100_nam_chsp',
+        'mobilenetv2_140_nam_chsp',
+        'mobilenetv2_050_nam_chsp',
         'efficientnet_b0_nam',
         'resnet50_cifar',
         'resnet50_cifar_se',
@@ -60,24 +63,6 @@ def test_model_list():
     }
     assert set(ALL_MODELS) == expected
     assert set(timm.list_models('*nam*')) >= {m for m in expected if 'nam' in m}
-
-
-PAPER_PARAMS = {  # REFERENCE.md section 3, verified counts
-    'resnet50_cifar': 23_705_252,
-    'resnet50_cifar_nam': 23_735_460,
-    'resnet50_cifar_nam_sp': 23_714_308,
-    'resnet50_cifar_nam_chsp': 23_744_516,
-    'resnet50_cifar_se': 26_220_196,
-    'resnet50_cifar_cbam': 26_237_844,
-    'resnet50_cifar_bam': 24_063_319,
-    'resnet50_cifar_tam': 23_710_052,
-    'mobilenetv2_100_nam_ch': 3_507_880,
-    'mobilenetv2_100_nam': 3_553_352,
-    'mobilenetv2_nam': 3_553_352,
-    'mobilenetv2_100_se': 3_533_288,
-    'mobilenetv2_100_cbam': 3_536_585,
-    'mobilenetv2_100_bam': 3_543_015,
-}
 
 
 @pytest.mark.parametrize('name', sorted(PAPER_PARAMS))
@@ -110,7 +95,7 @@ def test_nam_placement_resnet():
 
 
 def test_nam_placement_mobilenetv2_is_after_projection_bn():
-    model = timm.create_model('mobilenetv2_100_nam').eval()
+    model = timm.create_model('mobilenetv2_100_nam_chsp').eval()
     blocks = [b for s in model.blocks for b in s]
     assert len(blocks) == 17
     gates = [b.bn3.act if hasattr(b, 'bn3') else b.bn2.act for b in blocks]
@@ -145,9 +130,14 @@ def test_spatial_models_raise_on_other_sizes_and_rebuild_with_img_size():
     assert model48(torch.randn(1, 3, 48, 48)).shape == (1, 100)
     assert model48.pretrained_cfg['input_size'] == (3, 48, 48)
     assert model48.pretrained_cfg['pool_size'] == (6, 6)
-    odd = timm.create_model('mobilenetv2_050_nam', img_size=(97, 130)).eval()
-    assert odd(torch.randn(1, 3, 97, 130)).shape == (1, 1000)
-    for name in ('resnet50_nam', 'mobilenetv2_100_nam_ch', 'efficientnet_b0_nam', 'resnet50_cifar_nam'):
+    for name, img_size in (('mobilenetv2_050_nam_chsp', (97, 130)), ('resnet18_nam_sp', (200, 200))):
+        model = timm.create_model(name, img_size=img_size).eval()
+        features = model.forward_features(torch.randn(1, 3, *img_size))
+        assert model(torch.randn(1, 3, *img_size)).shape == (1, 1000)
+        # the cfg states the feature map the model produces at that size (data configs and timm's tests read it)
+        assert model.pretrained_cfg['input_size'] == (3, *img_size)
+        assert model.pretrained_cfg['pool_size'] == tuple(features.shape[-2:])
+    for name in ('resnet50_nam', 'mobilenetv2_nam', 'mobilenetv2_050_nam', 'efficientnet_b0_nam', 'resnet50_cifar_nam'):
         assert get_pretrained_cfg_value(name, 'fixed_input_size') is False
         model = timm.create_model(name).eval()
         assert torch.isfinite(model(torch.randn(1, 3, 72, 56))).all()
@@ -181,8 +171,27 @@ def test_model_forward_and_grad_checkpointing(name):
     x = torch.randn(1, *_input_size(name, TARGET_FWD))
     out = model(x)
     assert out.shape == (1, model.num_classes) and not torch.isnan(out).any()
-    model.set_grad_checkpointing()
-    torch.testing.assert_close(model(x), out, rtol=1e-4, atol=1e-5)
+
+    # training: checkpointed stages are run again in backward and give the same gradients
+    torch.manual_seed(0)
+    plain = timm.create_model(name, num_classes=5).train()
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.set_grad_checkpointing()
+    convs = [m for m in checkpointed.modules() if isinstance(m, torch.nn.Conv2d)]
+    calls = []
+    for conv in convs:
+        conv.register_forward_hook(lambda *_: calls.append(1))
+    x = torch.randn(2, *_input_size(name, TARGET_BWD))
+    out = checkpointed(x)
+    forward_calls = len(calls)
+    out.sum().backward()
+    assert len(calls) > forward_calls, 'set_grad_checkpointing() recomputed nothing in backward'
+    expected = plain(x)
+    expected.sum().backward()
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    grads = dict(plain.named_parameters())
+    for n, p in checkpointed.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n].grad, rtol=1e-3, atol=1e-5, msg=n)
 
 
 @pytest.mark.parametrize('name', FAST_MODELS)
@@ -263,7 +272,7 @@ def test_op_replaced_by_torch_stays_alive_so_scripting_cannot_mistake_another_ob
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('name', ['resnet101_nam', 'mobilenetv2_140_nam'])
+@pytest.mark.parametrize('name', ['resnet101_nam', 'mobilenetv2_140_nam', 'mobilenetv2_140_nam_chsp'])
 def test_large_models_forward_backward(name):
     model = timm.create_model(name, num_classes=5)
     out = model(torch.randn(2, *_input_size(name, TARGET_BWD)))
@@ -273,12 +282,35 @@ def test_large_models_forward_backward(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('name', ['resnet50_nam', 'mobilenetv2_100_nam'])
+@pytest.mark.parametrize('name', ['resnet50_nam', 'mobilenetv2_100_nam_chsp'])
 def test_model_compiles_fullgraph(name):
     model = timm.create_model(name).eval()
     x = torch.randn(1, *_input_size(name, 64))
     compiled = torch.compile(model, fullgraph=True, backend='aot_eager')
     torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', ['resnet18_nam', 'mobilenetv2_100_nam'])
+def test_model_compiles_with_the_default_backend(name):
+    """``torch.compile(model, fullgraph=True)`` with inductor (the default): inference, then a training step whose
+    output, gradients and running statistics equal eager's."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=5)
+    x = torch.randn(2, 3, 64, 64)
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=True)
+    torch.testing.assert_close(compiled.eval()(x), eager.eval()(x), rtol=1e-4, atol=1e-5)
+    out, expected = compiled.train()(x), eager.train()(x)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    grads = dict(eager.named_parameters())
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n].grad, rtol=1e-3, atol=1e-4, msg=n)
+    buffers = dict(eager.named_buffers())
+    for n, b in model.named_buffers():
+        torch.testing.assert_close(b, buffers[n], rtol=1e-4, atol=1e-5, msg=n)
 
 
 @pytest.mark.skipif(not TIMM_LOCAL_DIR, reason="timm before 1.0.16 reads no 'local-dir:' names")
@@ -296,7 +328,7 @@ def test_unknown_attention_kind_is_a_clear_error():
         timm.create_model('resnet50_nam', block_attn='eca')
 
 
-@pytest.mark.parametrize('name', ['resnet50_cifar_nam_chsp', 'mobilenetv2_050_nam', 'resnet50_cifar_bam'])
+@pytest.mark.parametrize('name', ['resnet50_cifar_nam_chsp', 'mobilenetv2_050_nam_chsp', 'resnet50_cifar_bam'])
 def test_fx_feature_extraction_matches_eager(name):
     """torch.fx tracing (timm's feature_cls='fx') goes around NAM's input checks and matches eager."""
     torch.manual_seed(0)
@@ -304,5 +336,7 @@ def test_fx_feature_extraction_matches_eager(name):
     torch.manual_seed(0)
     traced = timm.create_model(name, features_only=True, feature_cls='fx').eval()
     x = torch.randn(1, *_input_size(name, 64))
-    for a, b in zip(eager(x), traced(x)):
+    eager_features, traced_features = eager(x), traced(x)
+    assert len(traced_features) == len(eager_features) == len(eager.feature_info)
+    for a, b in zip(eager_features, traced_features, strict=True):
         torch.testing.assert_close(a, b)

@@ -13,7 +13,7 @@ onnx = pytest.importorskip('onnx')
 ort = pytest.importorskip('onnxruntime')
 
 # spatial NAM only runs at the size it was built for; the others are exported at a small size to keep this quick
-MODELS = [('resnet50_nam', 64), ('mobilenetv2_nam', 224), ('resnet18_nam_sp', 224), ('efficientnet_b0_nam', 64)]
+MODELS = [('resnet50_nam', 64), ('mobilenetv2_nam', 64), ('resnet18_nam_sp', 224), ('efficientnet_b0_nam', 64)]
 
 
 def _calibrate_batch_norms(model: torch.nn.Module, x: torch.Tensor) -> None:

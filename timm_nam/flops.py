@@ -5,8 +5,8 @@ Why this counter: it ships with torch (maintained, no extra dependency), counts 
 ops. It reports FLOPs as 2 x multiply-adds; the paper, like most vision papers, reports
 multiply-adds ("MACs") and calls them FLOPs.
 
-Convention that reproduces the paper's Tables 1-2 (see REFERENCE notes): the authors counted with
-``thop`` (2020 release), which also charges eval-mode batch norm 2 ops per element. So
+Convention that reproduces the paper's Tables 1-2: the authors counted with ``thop`` (2020 release, as
+their code at https://github.com/Christian-lyc/NAM does), which also charges eval-mode batch norm 2 ops per element. So
 
     paper FLOPs = conv + linear multiply-adds + 2 x (elements normalized by each batch norm)
 

@@ -49,7 +49,7 @@ TABLE2 = (  # MobileNetV2 on ImageNet, 224x224
     PaperRow('MobileNet V2 + CBAM', 'mobilenetv2_100_cbam', 3.54, 0.32, 29.74, 10.66),
     PaperRow(
         'MobileNet V2 + NAM',
-        'mobilenetv2_100_nam_ch',
+        'mobilenetv2_100_nam',
         3.51,
         0.32,
         29.34,
@@ -58,7 +58,7 @@ TABLE2 = (  # MobileNetV2 on ImageNet, 224x224
     ),
     PaperRow(
         'MobileNet V2 + NAM(ch+sp)',
-        'mobilenetv2_100_nam',
+        'mobilenetv2_100_nam_chsp',
         None,
         None,
         note="the paper's text; its count does not fit Table 2",

@@ -89,6 +89,51 @@ def check_nam_feat_size(x: torch.Tensor, feat_size: Tuple[int, int], name: str) 
         )
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes; the gradient of every process's input is the sum of all processes' output gradients."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, process_group) -> torch.Tensor:
+        import torch.distributed as dist
+
+        ctx.process_group = process_group
+        out = x.clone()
+        dist.all_reduce(out, group=process_group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        import torch.distributed as dist
+
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.process_group)
+        return grad, None
+
+
+def synced_world_size(process_group) -> int:
+    """Processes a SyncBatchNorm syncs over (1 when torch.distributed is not running)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(process_group)
+
+
+def synced_pixel_batch_stats(x: torch.Tensor, process_group) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`pixel_batch_stats` over the batches of every process in ``process_group``, differentiable (the backward
+    all-reduces too, as SyncBatchNorm's does)."""
+    xs = x.flatten(2)
+    if xs.dtype == torch.float16 or xs.dtype == torch.bfloat16:
+        xs = xs.float()
+    count = torch.full_like(xs[0, 0, :1], xs.shape[0] * xs.shape[1])
+    sums = _AllReduceSum.apply(torch.cat([xs.sum(dim=(0, 1)), xs.square().sum(dim=(0, 1)), count]), process_group)
+    hw = xs.shape[2]
+    n = sums[-1]
+    mean = sums[:hw] / n
+    var = (sums[hw : 2 * hw] / n - mean.square()).clamp(min=0)
+    return mean, var, var * (n / (n - 1).clamp(min=1))
+
+
 @register_notrace_function
 def pixel_batch_stats(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pixel mean, biased and unbiased variance over batch and channels, in at least fp32: the
@@ -109,6 +154,11 @@ class _NAMGate(nn.Module):
     def weights(self) -> torch.Tensor:
         """``|scale| / sum(|scale|)``, constant for autograd unless ``grad_through_weights``."""
         return nam_weights(self.bn.weight, detach=not self.grad_through_weights)
+
+    def _uses_batch_stats(self) -> bool:
+        """Training with a live batch norm. A norm frozen by timm's ``freeze_batch_norm_2d`` (a
+        ``FrozenBatchNorm2d``, which has no batch counter) always uses its running statistics, as a frozen norm does."""
+        return self.training and hasattr(self.bn, 'num_batches_tracked')
 
     def _count_batch(self) -> float:
         """Count a training batch and return the running-average factor, as nn.BatchNorm does."""
@@ -161,7 +211,7 @@ class NAMChannel(_NAMGate):
             if isinstance(bn, nn.SyncBatchNorm):
                 # converted by convert_sync_batchnorm (train.py --sync-bn): let it sync its statistics
                 return nam_gate(x, bn(x) * w.view(1, -1, 1, 1))
-        if not self.training:
+        if not self._uses_batch_stats():
             a, b = fold_gate(bn.weight * w, bn.bias * w, bn.running_mean, bn.running_var, bn.eps)
             return folded_gate(x, a.view(1, -1, 1, 1), b.view(1, -1, 1, 1))
         factor = self._count_batch()
@@ -192,7 +242,7 @@ class NAMSpatial(_NAMGate):
     ``BN_s`` normalizes each of the H·W pixel positions with statistics over the batch *and* the
     channels and has one scale λ and shift β per pixel: the authors' deleted version applied
     ``BatchNorm1d(H·W)`` to ``x`` reshaped to (N, H·W, C). Parameters and running statistics are kept
-    in that ``BatchNorm1d`` (``bn``), so λ has H·W entries and the layer only works at the feature
+    in a batch norm over H·W features (``bn``, same state), so λ has H·W entries and the layer only works at the feature
     size it was built for; another size raises a ValueError naming both sizes.
 
     Args:
@@ -223,7 +273,10 @@ class NAMSpatial(_NAMGate):
         self.feat_size = tuple(to_2tuple(feat_size))
         self.grad_through_weights = grad_through_weights
         num_pixels = self.feat_size[0] * self.feat_size[1]
-        self.bn = nn.BatchNorm1d(num_pixels, eps=eps, momentum=momentum, device=device, dtype=dtype)
+        # The statistics are computed here (per pixel, over batch and channels); the norm module holds λ, β and the
+        # running statistics with the authors' keys and shapes. It is a BatchNorm2d over H·W features (the authors'
+        # BatchNorm1d(H·W) has the same state) so that timm's freeze_batch_norm_2d and the sync-BN converters see it.
+        self.bn = nn.BatchNorm2d(num_pixels, eps=eps, momentum=momentum, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_nam_input(x, self.channels, 'NAMSpatial')
@@ -233,10 +286,16 @@ class NAMSpatial(_NAMGate):
         w = self.weights()
         running_mean, running_var = bn.running_mean, bn.running_var
         assert running_mean is not None and running_var is not None
-        if not self.training:
+        if not self._uses_batch_stats():
             a, b = fold_gate(bn.weight * w, bn.bias * w, running_mean, running_var, bn.eps)
             return folded_gate(x, a.view(1, 1, h, w_), b.view(1, 1, h, w_))
         if not torch.jit.is_scripting():
+            if isinstance(bn, nn.SyncBatchNorm) and synced_world_size(bn.process_group) > 1:
+                # converted by convert_sync_batchnorm: statistics over the global batch, gradients through them
+                mean, var, var_unbiased = synced_pixel_batch_stats(x, bn.process_group)
+                with torch.no_grad():
+                    self._update_running_stats(mean, var_unbiased)
+                return nam_gate(x, self._pixel_affine(x, w, mean, var))
             if eager_fast_path(x):
                 with torch.no_grad():
                     mean, var, var_unbiased = pixel_batch_stats(x)
@@ -245,12 +304,15 @@ class NAMSpatial(_NAMGate):
         mean, var, var_unbiased = pixel_batch_stats(x)
         with torch.no_grad():
             self._update_running_stats(mean, var_unbiased)
-        # w * BN_s(x) = a * x + b with per-pixel a, b: one affine inside the gate.
+        return nam_gate(x, self._pixel_affine(x, w, mean, var))
+
+    def _pixel_affine(self, x: torch.Tensor, w: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+        """``w * BN_s(x)`` with batch statistics, as one per-pixel affine ``a * x + b``."""
+        bn = self.bn
+        h, w_ = self.feat_size
         a = w * bn.weight * torch.rsqrt(var + bn.eps)
         b = w * bn.bias - mean * a
-        a = a.to(x.dtype).view(1, 1, h, w_)
-        b = b.to(x.dtype).view(1, 1, h, w_)
-        return nam_gate(x, torch.addcmul(b, x, a))
+        return torch.addcmul(b.to(x.dtype).view(1, 1, h, w_), x, a.to(x.dtype).view(1, 1, h, w_))
 
     def _update_running_stats(self, mean: torch.Tensor, var_unbiased: torch.Tensor) -> None:
         running_mean, running_var = self.bn.running_mean, self.bn.running_var

@@ -25,39 +25,37 @@ __all__ = [
 
 # Baselines use the NAM paper's reduction r=16 with hidden width C // 16; these exact choices are the
 # ones whose parameter counts equal the paper's Tables 1-2 (SE bias-free, CBAM's MLP with bias).
-BLOCK_ATTN_KINDS = {
-    'nam_ch': 'NAM channel attention (Eq. 2)',
-    'nam_sp': 'NAM spatial / pixel attention (Eq. 3)',
-    'nam': 'NAM channel then spatial attention',
-    'se': 'Squeeze-and-Excitation, r=16, bias-free FCs (timm SEModule)',
-    'cbam': 'CBAM, r=16, k=7, MLP with bias (timm CbamModule)',
-    'tam': 'Triplet attention, k=7',
+# kind -> (description, factory(channels, feat_size, **factory_kwargs))
+_BLOCK_ATTN = {
+    'nam_ch': ('NAM channel attention (Eq. 2)', lambda c, fs, **dd: NAMChannel(c, **dd)),
+    'nam_sp': ('NAM spatial / pixel attention (Eq. 3)', lambda c, fs, **dd: NAMSpatial(c, feat_size=fs, **dd)),
+    'nam': ('NAM channel then spatial attention', lambda c, fs, **dd: NAM(c, feat_size=fs, **dd)),
+    'se': (
+        'Squeeze-and-Excitation, r=16, bias-free FCs (timm SEModule)',
+        lambda c, fs, **dd: SEModule(c, rd_channels=max(c // 16, 1), bias=False, **dd),
+    ),
+    'cbam': (
+        'CBAM, r=16, k=7, MLP with bias (timm CbamModule)',
+        lambda c, fs, **dd: CbamModule(c, rd_channels=max(c // 16, 1), mlp_bias=True, **dd),
+    ),
+    'tam': ('Triplet attention, k=7', lambda c, fs, **dd: TripletAttention(c, **dd)),
 }
-STAGE_ATTN_KINDS = {
-    'bam': 'BAM, r=16, dilation 4',
+_STAGE_ATTN = {
+    'bam': ('BAM, r=16, dilation 4', lambda c, **dd: BAM(c, **dd)),
 }
+BLOCK_ATTN_KINDS = {kind: description for kind, (description, _) in _BLOCK_ATTN.items()}
+STAGE_ATTN_KINDS = {kind: description for kind, (description, _) in _STAGE_ATTN.items()}
 
 
-def _check_kind(kind: str, kinds: dict, what: str) -> None:
-    if kind not in kinds:
-        raise ValueError(f'Unknown {what} {kind!r}; expected one of {sorted(kinds)}')
+def _factory(kind: str, table: dict, what: str):
+    if kind not in table:
+        raise ValueError(f'Unknown {what} {kind!r}; expected one of {sorted(table)}')
+    return table[kind][1]
 
 
 def create_block_attn(kind: str, channels: int, feat_size: Optional[Tuple[int, int]] = None, **dd) -> nn.Module:
     """Build the attention of ``kind`` for a block with ``channels`` outputs of size ``feat_size``."""
-    _check_kind(kind, BLOCK_ATTN_KINDS, 'block attention')
-    dd = _given(dd)
-    if kind == 'nam_ch':
-        return NAMChannel(channels, **dd)
-    if kind == 'nam_sp':
-        return NAMSpatial(channels, feat_size=feat_size, **dd)
-    if kind == 'nam':
-        return NAM(channels, feat_size=feat_size, **dd)
-    if kind == 'se':
-        return SEModule(channels, rd_channels=max(channels // 16, 1), bias=False, **dd)
-    if kind == 'cbam':
-        return CbamModule(channels, rd_channels=max(channels // 16, 1), mlp_bias=True, **dd)
-    return TripletAttention(channels, **dd)
+    return _factory(kind, _BLOCK_ATTN, 'block attention')(channels, feat_size, **_given(dd))
 
 
 def norm_before_attn(norm: nn.Module, attn: Optional[nn.Module]) -> nn.Module:
@@ -69,8 +67,8 @@ def norm_before_attn(norm: nn.Module, attn: Optional[nn.Module]) -> nn.Module:
 
 
 def create_stage_attn(kind: str, channels: int, **dd) -> nn.Module:
-    _check_kind(kind, STAGE_ATTN_KINDS, 'stage attention')
-    return BAM(channels, **_given(dd))
+    """Build the attention of ``kind`` appended to a stage with ``channels`` outputs."""
+    return _factory(kind, _STAGE_ATTN, 'stage attention')(channels, **_given(dd))
 
 
 def _given(dd: dict) -> dict:

@@ -1,7 +1,10 @@
-""" What every timm-nam entrypoint does around timm's ``build_model_with_cfg``. """
+"""What every timm-nam entrypoint does around timm's ``build_model_with_cfg``."""
+
 from timm.layers import to_2tuple
 from timm.models import build_model_with_cfg
-from timm.models._builder import resolve_pretrained_cfg
+from timm.models._builder import load_pretrained, resolve_pretrained_cfg
+
+from ._attn import feat_size_at
 
 __all__ = ['build_nam_model', 'reparameterize_nam']
 
@@ -11,33 +14,55 @@ def build_nam_model(model_cls, variant: str, pretrained: bool, **kwargs):
 
     * ``img_size``: passed to the model (spatial NAM is built for it); the model's cfg then states it.
       Fixed-size models default to their pretrained cfg's input size, so a tag trained at 64 px builds at 64 px.
-    * ``nam_penalty``: p of the paper's sparsity penalty (a float, or 'paper' for the family's value),
-      applied at every ``optimizer.step()`` (see `timm_nam.penalty.enable_penalty`). This is how timm's
-      train.py trains with the penalty: ``--model-kwargs nam_penalty=1e-4``.
+    * ``nam_penalty``: p of the paper's sparsity penalty (a float, or 'paper' for the family's value; see
+      `timm_nam.penalty.resolve_penalty`), applied at every ``optimizer.step()`` (`timm_nam.penalty.enable_penalty`).
+      This is how timm's train.py trains with the penalty: ``--model-kwargs nam_penalty=1e-4``.
+
+    Under ``pretrained=True`` an error while loading the weights says which weights; any other error (a bad kwarg)
+    is raised as it is.
     """
     nam_penalty = kwargs.pop('nam_penalty', None)
     cfg = resolve_pretrained_cfg(
-        variant, pretrained_cfg=kwargs.get('pretrained_cfg'), pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
+        variant,
+        pretrained_cfg=kwargs.get('pretrained_cfg'),
+        pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'),
+    )
     if pretrained and not cfg.has_weights:
         from timm.models import list_pretrained
+
         tags = [n for n in list_pretrained(f'{variant}.*') if '.' in n]
-        raise ValueError(f'{variant} has no pretrained weights for its default (ImageNet) configuration; '
-                         + (f'trained tags: {", ".join(tags)}' if tags else 'no trained tags exist yet'))
+        raise ValueError(
+            f'{variant} has no pretrained weights for its default (ImageNet) configuration; '
+            + (f'trained tags: {", ".join(tags)}' if tags else 'no trained tags exist yet')
+        )
     if cfg.fixed_input_size and kwargs.get('img_size') is None:
         kwargs['img_size'] = tuple(cfg.input_size[-2:])
     try:
         model = build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
     except Exception as e:
-        if not pretrained:
-            raise
+        if not (pretrained and _raised_while_loading(e)):
+            raise  # a bad kwarg is the caller's error, not the weights'
         source = cfg.hf_hub_id or cfg.file or cfg.url or 'its pretrained cfg'
-        raise RuntimeError(f'Could not load pretrained weights for {variant} ({cfg.tag or "default"} tag) '
-                           f'from {source}: {e}') from e
+        raise RuntimeError(
+            f'Could not load pretrained weights for {variant} ({cfg.tag or "default"} tag) from {source}: {e}'
+        ) from e
     _sync_cfg_input_size(model, kwargs.get('img_size'))
     if nam_penalty is not None:
         from ..penalty import enable_penalty
+
         enable_penalty(model, nam_penalty)
     return model
+
+
+def _raised_while_loading(error: BaseException) -> bool:
+    """Whether ``error`` came out of timm's ``load_pretrained`` (fetching, reading or fitting the weights) rather than
+    out of building the model."""
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code is load_pretrained.__code__:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _sync_cfg_input_size(model, img_size) -> None:
@@ -51,8 +76,7 @@ def _sync_cfg_input_size(model, img_size) -> None:
         return
     cfg['input_size'] = (cfg['input_size'][0], h, w)
     if cfg.get('pool_size'):
-        ph, pw = cfg['pool_size']
-        cfg['pool_size'] = (max(round(ph * h / old_h), 1), max(round(pw * w / old_w), 1))
+        cfg['pool_size'] = feat_size_at((h, w), model.feature_info[-1]['reduction'])
     model.pretrained_cfg = model.default_cfg = cfg
 
 
@@ -60,4 +84,5 @@ def reparameterize_nam(model) -> None:
     """Fold the NAM gates of ``model`` for inference, in place, with timm's own walk (imported here, not at
     ``import timm``)."""
     from timm.utils import reparameterize_model
+
     reparameterize_model(model, inplace=True)

@@ -8,27 +8,27 @@ DepthwiseSeparable block). That slot is an ``Identity`` in these architectures (
 linear) and runs after the BN, before drop-path and the shortcut: exactly the paper's position.
 Plain timm weights (``mobilenetv2_100``) keep their keys, so they load with ``strict=False``.
 
-* ``mobilenetv2_nam`` = ``mobilenetv2_100_nam``: channel then spatial NAM, as the paper's *text* says
-  for its MobileNetV2 result (3.55M params, fixed 224x224 input);
-  ``mobilenetv2_100_nam_ch``: channel-only NAM, the configuration whose 3.51M matches the paper's
-  Table 2 count. ``mobilenetv2_140_nam`` / ``mobilenetv2_050_nam``: width 1.4 / 0.5, channel+spatial.
+* ``mobilenetv2_nam`` = ``mobilenetv2_100_nam``: channel NAM, the configuration whose 3.51M matches the paper's
+  Table 2 count; any input size, as every timm MobileNetV2. ``mobilenetv2_140_nam`` / ``mobilenetv2_050_nam``:
+  width 1.4 / 0.5. ``mobilenetv2_{050,100,140}_nam_chsp``: channel then spatial NAM, as the paper's *text* says for
+  its MobileNetV2 result (3.55M params at width 1.0); pixel attention fixes the input size (``img_size=``).
+  ``mobilenetv2_100_nam_ch`` is the old name of ``mobilenetv2_100_nam`` (deprecated).
 * ``mobilenetv2_100_se`` / ``_cbam`` / ``_bam``: the paper's Table 2 baselines (SE and CBAM at the
   same block-end position, BAM after each of the 7 stages).
 * ``efficientnet_b0_nam``: timm's EfficientNet-B0 (its own SE kept) plus channel NAM at every block end.
 """
 
-import math
 from functools import partial
 from typing import Optional, Tuple, Union
 
 import torch.nn as nn
 from timm.layers import to_2tuple
-from timm.models import generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model, register_model_deprecations
 from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
 from timm.models._efficientnet_builder import decode_arch_def, resolve_act_layer, resolve_bn_args, round_channels
 from timm.models.efficientnet import EfficientNet
 
-from ._attn import create_block_attn, create_stage_attn, norm_before_attn
+from ._attn import create_block_attn, create_stage_attn, feat_size_at, norm_before_attn
 from ._builder import build_nam_model, reparameterize_nam
 from ._cfg import nam_cfg
 
@@ -66,16 +66,16 @@ class AttnEfficientNet(EfficientNet):
         self.block_attn = block_attn
         self.stage_attn = stage_attn
         dd = dict(device=kwargs.get('device'), dtype=kwargs.get('dtype'))
-        h, w = (math.ceil(s / self.conv_stem.stride[0]) for s in self.img_size)
+        reduction = self.conv_stem.stride[0]
         for stage in self.blocks:
             for block in stage:
-                stride = block.conv_dw.stride[0]
-                h, w = math.ceil(h / stride), math.ceil(w / stride)
+                reduction *= block.conv_dw.stride[0]
                 if block_attn is not None:
                     norm = _projection_norm(block)
                     if not isinstance(norm.act, nn.Identity):
                         raise ValueError(f'{type(block).__name__} has an activation after its projection norm')
-                    norm.act = create_block_attn(block_attn, norm.num_features, feat_size=(h, w), **dd)
+                    feat_size = feat_size_at(self.img_size, reduction)
+                    norm.act = create_block_attn(block_attn, norm.num_features, feat_size=feat_size, **dd)
                     norm_before_attn(norm, norm.act)
             if stage_attn is not None:
                 stage.append(create_stage_attn(stage_attn, _projection_norm(stage[-1]).num_features, **dd))
@@ -148,11 +148,13 @@ def _cfg(fixed: bool = False, **kwargs):
 # before an '<arch>.*' key so the untagged, ImageNet-shaped cfg stays the default.
 default_cfgs = generate_default_cfgs(
     {
-        'mobilenetv2_nam': _cfg(fixed=True),
-        'mobilenetv2_100_nam': _cfg(fixed=True),
-        'mobilenetv2_100_nam_ch': _cfg(),
-        'mobilenetv2_140_nam': _cfg(fixed=True),
-        'mobilenetv2_050_nam': _cfg(fixed=True),
+        'mobilenetv2_nam': _cfg(),
+        'mobilenetv2_100_nam': _cfg(),
+        'mobilenetv2_140_nam': _cfg(),
+        'mobilenetv2_050_nam': _cfg(),
+        'mobilenetv2_100_nam_chsp': _cfg(fixed=True),
+        'mobilenetv2_140_nam_chsp': _cfg(fixed=True),
+        'mobilenetv2_050_nam_chsp': _cfg(fixed=True),
         'mobilenetv2_100_se': _cfg(),
         'mobilenetv2_100_cbam': _cfg(),
         'mobilenetv2_100_bam': _cfg(),
@@ -163,32 +165,44 @@ default_cfgs = generate_default_cfgs(
 
 @register_model
 def mobilenetv2_nam(pretrained: bool = False, **kwargs) -> AttnEfficientNet:
-    """MobileNetV2 (width 1.0) + channel then spatial NAM at every block end (same as mobilenetv2_100_nam)."""
-    return _gen_mobilenetv2('mobilenetv2_nam', 1.0, pretrained, block_attn='nam', **kwargs)
+    """MobileNetV2 (width 1.0) + channel NAM at every block end (same as mobilenetv2_100_nam)."""
+    return _gen_mobilenetv2('mobilenetv2_nam', 1.0, pretrained, block_attn='nam_ch', **kwargs)
 
 
 @register_model
 def mobilenetv2_100_nam(pretrained: bool = False, **kwargs) -> AttnEfficientNet:
-    """MobileNetV2 (width 1.0) + channel then spatial NAM at every block end (the paper's text)."""
-    return _gen_mobilenetv2('mobilenetv2_100_nam', 1.0, pretrained, block_attn='nam', **kwargs)
-
-
-@register_model
-def mobilenetv2_100_nam_ch(pretrained: bool = False, **kwargs) -> AttnEfficientNet:
     """MobileNetV2 (width 1.0) + channel NAM at every block end (the paper's Table 2 parameter count)."""
-    return _gen_mobilenetv2('mobilenetv2_100_nam_ch', 1.0, pretrained, block_attn='nam_ch', **kwargs)
+    return _gen_mobilenetv2('mobilenetv2_100_nam', 1.0, pretrained, block_attn='nam_ch', **kwargs)
 
 
 @register_model
 def mobilenetv2_140_nam(pretrained: bool = False, **kwargs) -> AttnEfficientNet:
-    """MobileNetV2 (width 1.4) + channel then spatial NAM at every block end."""
-    return _gen_mobilenetv2('mobilenetv2_140_nam', 1.4, pretrained, block_attn='nam', **kwargs)
+    """MobileNetV2 (width 1.4) + channel NAM at every block end."""
+    return _gen_mobilenetv2('mobilenetv2_140_nam', 1.4, pretrained, block_attn='nam_ch', **kwargs)
 
 
 @register_model
 def mobilenetv2_050_nam(pretrained: bool = False, **kwargs) -> AttnEfficientNet:
-    """MobileNetV2 (width 0.5) + channel then spatial NAM at every block end."""
-    return _gen_mobilenetv2('mobilenetv2_050_nam', 0.5, pretrained, block_attn='nam', **kwargs)
+    """MobileNetV2 (width 0.5) + channel NAM at every block end."""
+    return _gen_mobilenetv2('mobilenetv2_050_nam', 0.5, pretrained, block_attn='nam_ch', **kwargs)
+
+
+@register_model
+def mobilenetv2_100_nam_chsp(pretrained: bool = False, **kwargs) -> AttnEfficientNet:
+    """MobileNetV2 (width 1.0) + channel then spatial NAM at every block end (the paper's text); fixed input size."""
+    return _gen_mobilenetv2('mobilenetv2_100_nam_chsp', 1.0, pretrained, block_attn='nam', **kwargs)
+
+
+@register_model
+def mobilenetv2_140_nam_chsp(pretrained: bool = False, **kwargs) -> AttnEfficientNet:
+    """MobileNetV2 (width 1.4) + channel then spatial NAM at every block end; fixed input size."""
+    return _gen_mobilenetv2('mobilenetv2_140_nam_chsp', 1.4, pretrained, block_attn='nam', **kwargs)
+
+
+@register_model
+def mobilenetv2_050_nam_chsp(pretrained: bool = False, **kwargs) -> AttnEfficientNet:
+    """MobileNetV2 (width 0.5) + channel then spatial NAM at every block end; fixed input size."""
+    return _gen_mobilenetv2('mobilenetv2_050_nam_chsp', 0.5, pretrained, block_attn='nam', **kwargs)
 
 
 @register_model
@@ -213,3 +227,6 @@ def mobilenetv2_100_bam(pretrained: bool = False, **kwargs) -> AttnEfficientNet:
 def efficientnet_b0_nam(pretrained: bool = False, **kwargs) -> AttnEfficientNet:
     """EfficientNet-B0 (with its SE) + channel NAM at every block end."""
     return _gen_efficientnet_b0('efficientnet_b0_nam', pretrained, block_attn='nam_ch', **kwargs)
+
+
+register_model_deprecations(__name__, {'mobilenetv2_100_nam_ch': 'mobilenetv2_100_nam'})
