@@ -154,3 +154,13 @@ def test_synced_pixel_attention_equals_one_process_on_the_whole_batch(converter)
             torch.testing.assert_close(results[r]['grads'][name], p.grad)
         torch.testing.assert_close(results[r]['running_mean'], layer.bn.running_mean)
         torch.testing.assert_close(results[r]['running_var'], layer.bn.running_var)
+
+
+def test_frozen_gates_have_no_scale_to_penalize():
+    from timm_nam import nam_scales
+
+    model = _model('resnet18_nam', None)
+    assert len(nam_scales(model)) == 8
+    model.layer4 = freeze_batch_norm_2d(model.layer4)
+    assert len(nam_scales(model)) == 6  # layer4's two gates are frozen: their γ is a buffer now
+    assert all(isinstance(s, nn.Parameter) for s in nam_scales(model))

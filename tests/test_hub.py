@@ -1,6 +1,9 @@
 """Hub form: export, model card, publish --dry-run, and pretrained=True through timm's real hub loader, offline."""
+
 import json
 import os
+import re
+import stat
 import subprocess
 import sys
 import textwrap
@@ -9,34 +12,69 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
 
 from tests.helpers import TIMM_LOCAL_DIR, make_image_folder
-from timm_nam.hub import export_checkpoint, load_backbone_weights, publish, upload_plan
+from timm_nam.backbone import load_backbone_weights
+from timm_nam.hub import export_checkpoint, publish, upload_plan
 from timm_nam.models._cfg import HF_ORG, hub_id
 
-TAG_MODEL, TAG = 'mobilenetv2_nam', 'imagenette_r64'
+TAG_MODEL, TAG = 'mobilenetv2_100_nam_chsp', 'imagenette_r64'  # the staged release (hub_configs/)
 REPO = hub_id(TAG_MODEL, TAG)
 REVISION = 'a' * 40
 
 
 @pytest.fixture(scope='module')
-def exported(tmp_path_factory):
-    """A small model really trained by timm-nam train (10 classes, 64 px), exported for the declared tag."""
+def trained_run(tmp_path_factory):
+    """The run directory of a small model really trained by timm-nam train (10 classes, 64 px)."""
     root = tmp_path_factory.mktemp('hub')
     data = make_image_folder(root / 'data', classes=10, per_class=2, size=64)
     run = root / 'run'
     proc = subprocess.run(
-        [sys.executable, '-m', 'timm_nam', 'train', '-m', TAG_MODEL, '--data-dir', str(data), '-o', str(run),
-         '--img-size', '64', '-b', '10', '--epochs', '1', '--workers', '0', '--device', 'cpu', '--lr', '0.01'],
-        capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            '-m',
+            'timm_nam',
+            'train',
+            '-m',
+            TAG_MODEL,
+            '--data-dir',
+            str(data),
+            '-o',
+            str(run),
+            '--img-size',
+            '64',
+            '-b',
+            '10',
+            '--epochs',
+            '1',
+            '--workers',
+            '0',
+            '--device',
+            'cpu',
+            '--lr',
+            '0.01',
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    out = export_checkpoint(run / 'last.safetensors', root / 'export', tag=TAG, dataset_name='Imagenette')
-    return out
+    return run
 
 
-def _hf_cache(tmp_path: Path, export: Path, weights: bytes = None, org_repo: str = REPO,
-              with_weights: bool = True) -> Path:
+@pytest.fixture(scope='module')
+def exported(trained_run):
+    """That run exported for the declared tag."""
+    return export_checkpoint(
+        trained_run / 'last.safetensors', trained_run.parent / 'export', tag=TAG, dataset_name='Imagenette'
+    )
+
+
+def _hf_cache(
+    tmp_path: Path, export: Path, weights: bytes = None, org_repo: str = REPO, with_weights: bool = True
+) -> Path:
     """Lay ``export`` out as huggingface_hub's cache: models--ORG--NAME/refs/main + snapshots/<rev>/..."""
     cache = tmp_path / 'hf_cache'
     repo_dir = cache / ('models--' + org_repo.replace('/', '--'))
@@ -47,14 +85,16 @@ def _hf_cache(tmp_path: Path, export: Path, weights: bytes = None, org_repo: str
     (snap / 'config.json').write_bytes((export / 'config.json').read_bytes())
     if with_weights:
         (snap / 'model.safetensors').write_bytes(
-            weights if weights is not None else (export / 'model.safetensors').read_bytes())
+            weights if weights is not None else (export / 'model.safetensors').read_bytes()
+        )
     return cache
 
 
 def _offline(code: str, cache: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'HF_HUB_CACHE': str(cache), 'HF_HOME': str(cache.parent / 'hf_home')}
-    return subprocess.run([sys.executable, '-c', textwrap.dedent(code)], capture_output=True, text=True, env=env,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, '-c', textwrap.dedent(code)], capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 def _reference(export: Path, x: torch.Tensor) -> torch.Tensor:
@@ -66,20 +106,107 @@ def _reference(export: Path, x: torch.Tensor) -> torch.Tensor:
 
 def test_export_layout_and_card(exported):
     assert sorted(p.name for p in exported.iterdir()) == [
-        'README.md', 'config.json', 'model.safetensors', 'training_args.json', 'training_metrics.json']
+        'README.md',
+        'config.json',
+        'model.safetensors',
+        'training_args.json',
+        'training_metrics.json',
+    ]
     config = json.loads((exported / 'config.json').read_text())
     assert config['architecture'] == TAG_MODEL and config['num_classes'] == 10
     assert config['model_args']['img_size'] == [64, 64]
     assert config['pretrained_cfg']['hf_hub_id'] == REPO and config['pretrained_cfg']['input_size'] == [3, 64, 64]
     assert config['label_names'] == [f'class{i}' for i in range(10)]
-    card = (exported / 'README.md').read_text()
     metrics = json.loads((exported / 'training_metrics.json').read_text())
-    front = card.split('---')[1]
-    for line in ('library_name: timm', 'license: apache-2.0', '- imagenette', '- accuracy', '- nam'):
-        assert line in front
-    assert f"value: {metrics[-1]['val_top1']:.2f}" in front
-    assert f"timm.create_model('hf-hub:{REPO}', pretrained=True)" in card
-    assert 'seed 42' in card and 'epochs 1' in card and 'p = 0.001' in card
+    assert [r['epoch'] for r in metrics] == [0]
+    card = ModelCard.load(exported / 'README.md')
+    meta = card.data.to_dict()
+    model_index = meta.pop('model-index')
+    assert meta == {
+        'library_name': 'timm',
+        'license': 'apache-2.0',
+        'pipeline_tag': 'image-classification',
+        'tags': ['image-classification', 'timm', 'timm-nam', 'nam', 'attention'],
+        'datasets': ['imagenette'],
+        'metrics': ['accuracy'],
+    }
+    accuracy = [
+        {'type': 'accuracy', 'name': f'top-{k} accuracy', 'value': round(metrics[-1][f'val_top{k}'], 2)} for k in (1, 5)
+    ]
+    assert model_index == [
+        {
+            'name': f'{TAG_MODEL}.{TAG}',
+            'results': [
+                {
+                    'task': {'type': 'image-classification'},
+                    'dataset': {'name': 'Imagenette', 'type': 'imagenette'},
+                    'metrics': accuracy,
+                }
+            ],
+        }
+    ]
+    lines = card.text.splitlines()
+    assert lines[0] == f'# Model card for {TAG_MODEL}.{TAG}'
+    assert f"model = timm.create_model('hf-hub:{REPO}', pretrained=True).eval()" in lines
+    # the imagenet recipe with the run's flags (-b 10 --lr 0.01 --epochs 1) and the paper's p for MobileNetV2
+    assert (
+        '  - epochs 1, global batch 10, opt sgd (momentum 0.9), lr 0.01, weight decay 0.0001, schedule cosine '
+        '(warmup 5 epochs), label smoothing 0.1, augmentation imagenet, seed 42'
+    ) in lines
+    assert '  - NAM sparsity penalty p = 0.001, AMP False, EMA False' in lines
+    assert '- **Weights file:** from `last.safetensors` (epoch 1)' in lines
+    final = metrics[-1]
+    assert (
+        f'| these weights | 1 | {final["val_top1"]:.2f} | {final["val_top5"]:.2f} | {final["val_loss"]:.4f} |' in lines
+    )
+
+
+def _modes(folder: Path) -> dict:
+    return {f.name: stat.S_IMODE(f.stat().st_mode) for f in folder.iterdir()}
+
+
+def test_export_cli_writes_the_export_with_one_file_mode(trained_run, exported, tmp_path):
+    out = tmp_path / 'export'
+    proc = subprocess.run(
+        [sys.executable, '-m', 'timm_nam', 'export', str(trained_run), str(out), '--tag', TAG]
+        + ['--dataset-name', 'Imagenette'],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # the run directory stands for its last.safetensors, as the function was given above
+    assert sorted(f.name for f in out.iterdir()) == sorted(f.name for f in exported.iterdir())
+    for f in exported.iterdir():
+        assert (out / f.name).read_bytes() == f.read_bytes(), f.name
+        assert f'{out / f.name}  ({f.stat().st_size:,} bytes)' in proc.stdout
+    # the weights are as readable as the rest: what the umask gives a new file
+    probe = tmp_path / 'probe'
+    probe.write_text('')
+    assert set(_modes(out).values()) == set(_modes(exported).values()) == {stat.S_IMODE(probe.stat().st_mode)}
+
+
+def test_importing_hub_does_not_import_training():
+    code = "import sys, timm_nam.hub; print(sorted(m for m in sys.modules if m.startswith('timm_nam.training')))"
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == '[]'
+
+
+def test_pretrained_true_reports_only_loading_errors_as_such(tmp_path):
+    model = timm.create_model('resnet18_nam', num_classes=3)
+    weights = tmp_path / 'w.safetensors'
+    save_file(model.state_dict(), str(weights))
+    kwargs = dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(weights), num_classes=3), num_classes=3)
+    loaded = timm.create_model('resnet18_nam', **kwargs)
+    assert torch.equal(loaded.fc.weight, model.fc.weight)
+    # a bad kwarg is the caller's mistake, named as such, not the weights'
+    with pytest.raises(TypeError, match="unexpected keyword argument 'no_such_kwarg'"):
+        timm.create_model('resnet18_nam', **kwargs, no_such_kwarg=1)
+    weights.write_bytes(weights.read_bytes()[:1000])
+    message = re.escape(f'Could not load pretrained weights for resnet18_nam (default tag) from {weights}: ')
+    with pytest.raises(RuntimeError, match=message):
+        timm.create_model('resnet18_nam', **kwargs)
 
 
 def test_pretrained_true_offline_through_timm_hub_loader(exported, tmp_path):
@@ -88,7 +215,8 @@ def test_pretrained_true_offline_through_timm_hub_loader(exported, tmp_path):
     torch.save(x, tmp_path / 'x.pt')
     expected = _reference(exported, x)
     cache = _hf_cache(tmp_path, exported)
-    proc = _offline(f"""
+    proc = _offline(
+        f"""
         import json, torch, timm
         x = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True)
         outs = {{}}
@@ -99,9 +227,12 @@ def test_pretrained_true_offline_through_timm_hub_loader(exported, tmp_path):
         head = timm.create_model('hf-hub:{REPO}', pretrained=True, num_classes=3).eval()
         ref = timm.create_model('hf-hub:{REPO}', pretrained=True).eval()
         with torch.no_grad():
-            outs['head'] = [list(head(x).shape), (head.forward_features(x) - ref.forward_features(x)).abs().max().item()]
+            diff = (head.forward_features(x) - ref.forward_features(x)).abs().max().item()
+            outs['head'] = [list(head(x).shape), diff]
         print(json.dumps(outs))
-    """, cache)
+    """,
+        cache,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     outs = json.loads(proc.stdout.strip().splitlines()[-1])
     for name in names:
@@ -109,15 +240,18 @@ def test_pretrained_true_offline_through_timm_hub_loader(exported, tmp_path):
     assert outs['head'] == [[2, 3], 0.0]
 
 
-@pytest.mark.parametrize('damage,message', [
-    ('truncate', 'Could not load pretrained weights for mobilenetv2_nam'),
-    ('rename', 'Could not load pretrained weights for mobilenetv2_nam'),
-    ('reshape', 'size mismatch'),
-])
+@pytest.mark.parametrize(
+    'damage,message',
+    [
+        ('truncate', f'Could not load pretrained weights for {TAG_MODEL}'),
+        ('rename', f'Could not load pretrained weights for {TAG_MODEL}'),
+        ('reshape', 'size mismatch'),
+    ],
+)
 def test_corrupt_weights_give_clear_errors(exported, tmp_path, damage, message):
     raw = (exported / 'model.safetensors').read_bytes()
     if damage == 'truncate':
-        weights = raw[:len(raw) // 2]
+        weights = raw[: len(raw) // 2]
         detail = 'safetensors'
     else:
         state = load_file(str(exported / 'model.safetensors'))
@@ -132,7 +266,8 @@ def test_corrupt_weights_give_clear_errors(exported, tmp_path, damage, message):
     cache = _hf_cache(tmp_path, exported, weights=weights)
     proc = _offline(f"import timm; timm.create_model('hf-hub:{REPO}', pretrained=True)", cache)
     assert proc.returncode != 0
-    assert message in proc.stderr and detail in proc.stderr.lower() if damage == 'truncate' else detail in proc.stderr
+    assert message in proc.stderr
+    assert detail in (proc.stderr.lower() if damage == 'truncate' else proc.stderr)
 
 
 def test_missing_weights_offline_is_a_clear_error(exported, tmp_path):
@@ -150,7 +285,7 @@ def test_registered_tags_are_exactly_the_published_releases():
     staged = {d.name for d in folders.iterdir() if d.is_dir()}
     published = {name for name in staged if (folders / name / 'published.json').is_file()}
     assert tags == published
-    assert {'mobilenetv2_nam.imagenette_r64', 'resnet50_nam.imagenette_r64'} <= staged - published
+    assert {f'{TAG_MODEL}.{TAG}', 'resnet50_nam.imagenette_r64'} <= staged - published
     for name in tags:
         cfg = timm.models.get_pretrained_cfg(name).to_dict()
         record = json.loads((folders / name / 'published.json').read_text())
@@ -166,8 +301,13 @@ def test_registered_tags_are_exactly_the_published_releases():
 def test_publish_dry_run_lists_exactly_the_files(exported, capsys):
     plan = publish(exported, dry_run=True)
     assert [f['path'] for f in plan] == sorted(p.name for p in exported.iterdir())
-    proc = subprocess.run([sys.executable, '-m', 'timm_nam', 'publish', str(exported), '--dry-run'],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, 'HF_HUB_OFFLINE': '1'})
+    proc = subprocess.run(
+        [sys.executable, '-m', 'timm_nam', 'publish', str(exported), '--dry-run'],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, 'HF_HUB_OFFLINE': '1'},
+    )
     assert proc.returncode == 0, proc.stderr
     assert f'would upload to https://huggingface.co/{REPO}:' in proc.stdout
     assert proc.stdout.count('sha256') == len(plan)
@@ -190,6 +330,7 @@ def test_publish_refuses_pickles_and_incomplete_exports(exported, tmp_path):
 def test_export_needs_the_run_records(tmp_path):
     model = timm.create_model('resnet18_nam', num_classes=3)
     from timm_nam.training.checkpoint import save_weights
+
     save_weights(model, tmp_path / 'last.safetensors', 'resnet18_nam', dict(num_classes=3))
     with pytest.raises(FileNotFoundError, match='args.json is missing'):
         export_checkpoint(tmp_path / 'last.safetensors', tmp_path / 'out', tag='x')
@@ -204,12 +345,15 @@ def test_load_plain_timm_backbone_into_nam_model(tmp_path):
     for k, v in plain.state_dict().items():
         assert torch.equal(own[k], v), k
     assert len(report['nam_fresh']) == 8 * 5 and all('.se.' in k for k in report['nam_fresh'])
-    assert all(torch.equal(m.bn.weight, torch.ones_like(m.bn.weight)) for m in model.modules()
-               if hasattr(m, 'bn') and type(m).__name__ == 'NAMChannel')
+    assert all(
+        torch.equal(m.bn.weight, torch.ones_like(m.bn.weight))
+        for m in model.modules()
+        if hasattr(m, 'bn') and type(m).__name__ == 'NAMChannel'
+    )
 
     mbv2 = timm.create_model('mobilenetv2_100')
     torch.save(mbv2.state_dict(), tmp_path / 'mbv2.pth')
-    nam = timm.create_model('mobilenetv2_100_nam_ch', num_classes=10)
+    nam = timm.create_model('mobilenetv2_100_nam', num_classes=10)
     report = load_backbone_weights(nam, tmp_path / 'mbv2.pth')
     assert sorted(report['classifier_skipped']) == ['classifier.bias', 'classifier.weight']
     assert torch.equal(nam.conv_head.weight, mbv2.conv_head.weight)

@@ -1,5 +1,6 @@
 """The sparsity penalty is exact wherever training happens: the gradient of every NAM scale differs from the
 criterion-only gradient by exactly p·sign(γ), every other gradient by nothing."""
+
 import inspect
 import os
 import socket
@@ -13,8 +14,17 @@ import torch.nn as nn
 from timm.utils import ModelEmaV3, NativeScaler
 
 from timm_nam import NAMChannel, NAMSpatial
-from timm_nam.penalty import (NAMSparsityLoss, add_penalty_grad_, disable_penalty, enable_penalty, l1_penalty,
-                              nam_scales, paper_penalty)
+from timm_nam.penalty import (
+    PAPER_PENALTY,
+    NAMSparsityLoss,
+    add_penalty_grad_,
+    disable_penalty,
+    enable_penalty,
+    l1_penalty,
+    nam_scales,
+    paper_penalty,
+    resolve_penalty,
+)
 
 P = 1e-2
 
@@ -85,7 +95,7 @@ def test_penalty_value_and_paper_defaults():
     x, y = _data()
     torch.testing.assert_close(loss(model(x), y), nn.CrossEntropyLoss()(model(x), y) + expected)
     assert NAMSparsityLoss(nn.CrossEntropyLoss(), timm.create_model('resnet50_cifar_nam')).p == 1e-4
-    assert NAMSparsityLoss(nn.CrossEntropyLoss(), timm.create_model('mobilenetv2_100_nam_ch')).p == 1e-3
+    assert NAMSparsityLoss(nn.CrossEntropyLoss(), timm.create_model('mobilenetv2_100_nam')).p == 1e-3
     assert paper_penalty(timm.create_model('resnet18_nam')) == 1e-4
     with pytest.raises(ValueError, match='pass p explicitly'):
         NAMSparsityLoss(nn.CrossEntropyLoss(), TinyNAMNet())
@@ -108,13 +118,16 @@ def test_loss_term_and_step_hook_are_the_same_gradient():
 def test_loss_wrapper_exact(setting):
     x, y = _data(8)
     kw = dict(
-        fp32={}, bf16_autocast=dict(autocast_dtype=torch.bfloat16),
+        fp32={},
+        bf16_autocast=dict(autocast_dtype=torch.bfloat16),
         fp16_gradscaler=dict(autocast_dtype=torch.float16),
-        grad_accum=dict(accum=4), fp16_accum=dict(autocast_dtype=torch.float16, accum=2))[setting]
+        grad_accum=dict(accum=4),
+        fp16_accum=dict(autocast_dtype=torch.float16, accum=2),
+    )[setting]
     model = TinyNAMNet()
     results = []
     for loss_fn in (NAMSparsityLoss(nn.CrossEntropyLoss(), model, P), nn.CrossEntropyLoss()):
-        scaler = torch.amp.GradScaler('cpu', init_scale=2. ** 16) if kw.get('autocast_dtype') == torch.float16 else None
+        scaler = torch.amp.GradScaler('cpu', init_scale=2.0**16) if kw.get('autocast_dtype') == torch.float16 else None
         torch.manual_seed(0)
         results.append(_backward(model, loss_fn, x, y, scaler=scaler, **kw))
     _assert_exact_penalty_grad(model, *results)
@@ -173,29 +186,81 @@ def test_step_hook_exact_in_a_timm_style_loop(amp_dtype, accum):
 
 
 def test_step_hook_skipped_on_inf_steps():
+    """GradScaler skips ``optimizer.step()`` when any gradient is not finite; the hook, a step pre-hook, then does
+    not run: the γ gradient is left as the backward pass made it."""
+    x, y = _data()
     model = TinyNAMNet()
     enable_penalty(model, P)
     try:
-        opt = torch.optim.SGD(model.parameters(), lr=1.0)
-        scaler = torch.amp.GradScaler('cpu')
-        before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        loss = model(_data()[0]).sum() * float('inf')
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        for n, p in model.named_parameters():
-            assert torch.equal(p, before[n]), n
-        assert not torch.isfinite(model.nam_ch.bn.weight.grad).all()
+        added = {}
+        for poisoned in (False, True):
+            opt = torch.optim.SGD(model.parameters(), lr=0.0)
+            scaler = torch.amp.GradScaler('cpu', init_scale=1.0)  # unscaling divides by 1: gradients keep their values
+            model.zero_grad(set_to_none=True)
+            scaler.scale(nn.CrossEntropyLoss()(model(x), y)).backward()
+            if poisoned:  # one non-finite gradient anywhere makes GradScaler skip the step
+                model.fc.bias.grad[0] = float('inf')
+            gamma_grad = model.nam_ch.bn.weight.grad.clone()
+            scaler.step(opt)
+            added[poisoned] = model.nam_ch.bn.weight.grad - gamma_grad
+        torch.testing.assert_close(added[False], P * torch.sign(model.nam_ch.bn.weight.detach()))  # a step: once
+        assert torch.equal(added[True], torch.zeros_like(added[True]))  # a skipped step: not at all
     finally:
         disable_penalty(model)
 
 
-def test_model_kwarg_enables_the_step_hook():
-    model = timm.create_model('resnet50_cifar_nam', nam_penalty='paper')
-    assert all(getattr(s, '_nam_penalty') == 1e-4 for s in nam_scales(model))
-    model = timm.create_model('mobilenetv2_100_nam_ch', nam_penalty=0.5)
-    assert all(getattr(s, '_nam_penalty') == 0.5 for s in nam_scales(model))
-    with pytest.raises(ValueError, match='finite number >= 0'):
+def test_model_kwarg_applies_the_penalty_at_the_step():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 5, (8,), generator=g)
+    grads = {}
+    for kwargs in ({}, {'nam_penalty': 'paper'}):
+        torch.manual_seed(0)
+        model = timm.create_model('resnet18_nam', num_classes=5, **kwargs)
+        try:
+            grads[bool(kwargs)] = _step_grads(model, x, y)
+        finally:
+            disable_penalty(model)
+    _assert_exact_penalty_grad(model, grads[True], grads[False], p=PAPER_PENALTY['resnet'])
+    with pytest.raises(ValueError, match="penalty p must be 'paper' or a finite number >= 0, got nan"):
         timm.create_model('resnet50_cifar_nam', nam_penalty=float('nan'))
+
+
+def test_one_rule_decides_p():
+    model = timm.create_model('resnet18_nam')
+    assert resolve_penalty(model) == resolve_penalty(model, 'paper') == resolve_penalty(model, model_kwarg='paper')
+    assert resolve_penalty(model) == 1e-4
+    assert resolve_penalty(model, '5e-1') == resolve_penalty(model, model_kwarg=0.5) == 0.5
+    assert resolve_penalty(model, 0.5, model_kwarg='0.5') == 0.5  # both given: they must agree
+    with pytest.raises(ValueError, match='two different penalties asked for: p = 0.001 and the model kwarg'):
+        resolve_penalty(model, 1e-3, model_kwarg=1e-2)
+    baseline = timm.create_model('resnet18')
+    assert resolve_penalty(baseline) == resolve_penalty(baseline, 'paper') == resolve_penalty(baseline, 0) == 0.0
+    with pytest.raises(ValueError, match='ResNet has no NAM layers to penalize'):
+        resolve_penalty(baseline, 1e-3)
+
+
+@pytest.mark.parametrize('bad', ['abc', -1.0, float('nan'), 'inf'])
+def test_every_way_to_ask_for_p_accepts_the_same_values(bad, capsys):
+    from timm_nam.cli import main
+
+    message = f"penalty p must be 'paper' or a finite number >= 0, got {bad!r}"
+    model = TinyNAMNet()
+    for ask in (
+        lambda: resolve_penalty(model, bad),
+        lambda: NAMSparsityLoss(nn.CrossEntropyLoss(), model, bad),
+        lambda: enable_penalty(model, bad),
+        lambda: timm.create_model('resnet18_nam', nam_penalty=bad),
+    ):
+        with pytest.raises(ValueError) as e:
+            ask()
+        assert str(e.value) == message
+    assert not hasattr(model.nam_ch.bn.weight, '_nam_penalty')
+    with pytest.raises(SystemExit) as e:
+        main(['train', '-m', 'resnet18_nam', '--data-dir', '.', '-o', 'x', '--nam-penalty', str(bad)])
+    assert e.value.code == 2
+    assert f"argument --nam-penalty: penalty p must be 'paper' or a finite number >= 0, got {str(bad)!r}" in (
+        capsys.readouterr().err
+    )
 
 
 def _free_port():
@@ -234,8 +299,7 @@ def _ddp_worker(rank, world_size, port, use_hook, queue):
 def test_exact_under_ddp(use_hook):
     ctx = mp.get_context('spawn')
     queue = ctx.Queue()
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), use_hook, queue), nprocs=2, join=True,
-                       start_method='spawn')
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), use_hook, queue), nprocs=2, join=True, start_method='spawn')
     out = queue.get(timeout=60)
     g_plain = {n: torch.from_numpy(a) for n, a in out[False].items()}
     g_pen = {n: torch.from_numpy(a) for n, a in out[True].items()}
@@ -244,8 +308,9 @@ def test_exact_under_ddp(use_hook):
 
 def test_public_names():
     import timm_nam
-    import timm_nam.hub
+    import timm_nam.backbone
+
     assert timm_nam.NAMSparsityLoss is NAMSparsityLoss
-    assert timm_nam.load_backbone_weights is timm_nam.hub.load_backbone_weights
+    assert timm_nam.load_backbone_weights is timm_nam.backbone.load_backbone_weights
     with pytest.raises(AttributeError):
-        timm_nam.no_such_name
+        timm_nam.no_such_name  # noqa: B018  (the attribute access is what is tested)

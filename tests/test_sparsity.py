@@ -1,4 +1,5 @@
 """timm-nam sparsity: per-layer statistics of NAM scales read back from a checkpoint."""
+
 import json
 import subprocess
 import sys
@@ -28,17 +29,30 @@ def test_scale_stats_counts_and_fractions():
         scale_stats(timm.create_model('resnet50_cifar'))
 
 
-def test_sparsity_cli_reads_checkpoint_and_draws(tmp_path):
-    model = timm.create_model('mobilenetv2_100_nam', img_size=64, num_classes=10)
+@pytest.mark.parametrize('given', ['file', 'run directory'])
+def test_sparsity_cli_reads_checkpoint_and_draws(tmp_path, given):
+    model = timm.create_model('mobilenetv2_100_nam_chsp', img_size=64, num_classes=10)
     with torch.no_grad():
         model.blocks[0][0].bn2.act.channel.bn.weight.zero_()
     ckpt = tmp_path / 'last.safetensors'
-    save_weights(model, ckpt, 'mobilenetv2_100_nam', dict(img_size=64, num_classes=10))
-    proc = subprocess.run([sys.executable, '-m', 'timm_nam', 'sparsity', str(ckpt)], capture_output=True,
-                          text=True, timeout=300)
+    save_weights(model, ckpt, 'mobilenetv2_100_nam_chsp', dict(img_size=64, num_classes=10))
+    # the run directory stands for its last.safetensors, as for timm-nam train --resume
+    target = ckpt if given == 'file' else tmp_path
+    proc = subprocess.run(
+        [sys.executable, '-m', 'timm_nam', 'sparsity', str(target)], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
+    assert f'mobilenetv2_100_nam_chsp from {ckpt}: |scale| of every NAM layer' in proc.stdout
     assert '| blocks.0.0.bn2.act.channel | channel γ | 16 | 0 |' in proc.stdout
     rows = json.loads((tmp_path / 'sparsity.json').read_text())
     assert len(rows) == 34 and rows[0]['frac<0.001'] == 1.0
     png = (tmp_path / 'sparsity.png').read_bytes()
     assert png[:8] == b'\x89PNG\r\n\x1a\n' and len(png) > 10_000
+
+
+def test_sparsity_cli_names_what_is_missing(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, '-m', 'timm_nam', 'sparsity', str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr
+    assert f'No checkpoint in {tmp_path}: expected {tmp_path / "last.safetensors"}' in proc.stderr

@@ -3,15 +3,21 @@
 ``import timm`` loads ``timm_nam.models`` (and so this package) through the ``timm.plugins`` entry point, so
 this module stays light: the penalty, training and Hub helpers are imported on first use.
 """
+
 from .layers import BAM, NAM, NAMChannel, NAMGate, NAMSpatial, TripletAttention, nam_weights
 from .models import AttnEfficientNet, AttnResNet
 
 __version__ = '0.1.1'
 
 _LAZY = {
-    'NAMSparsityLoss': 'penalty', 'enable_penalty': 'penalty', 'disable_penalty': 'penalty',
-    'nam_scales': 'penalty', 'paper_penalty': 'penalty',
-    'load_backbone_weights': 'hub', 'export_checkpoint': 'hub', 'publish': 'hub',
+    'NAMSparsityLoss': 'penalty',
+    'enable_penalty': 'penalty',
+    'disable_penalty': 'penalty',
+    'nam_scales': 'penalty',
+    'paper_penalty': 'penalty',
+    'load_backbone_weights': 'backbone',
+    'export_checkpoint': 'hub',
+    'publish': 'hub',
     'count_flops': 'flops',
 }
 
@@ -19,9 +25,20 @@ _LAZY = {
 def __getattr__(name):
     if name in _LAZY:
         import importlib
+
         return getattr(importlib.import_module(f'.{_LAZY[name]}', __name__), name)
     raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
-__all__ = ['NAM', 'NAMChannel', 'NAMSpatial', 'NAMGate', 'BAM', 'TripletAttention', 'nam_weights', 'AttnResNet',
-           'AttnEfficientNet', *_LAZY]
+__all__ = [
+    'NAM',
+    'NAMChannel',
+    'NAMSpatial',
+    'NAMGate',
+    'BAM',
+    'TripletAttention',
+    'nam_weights',
+    'AttnResNet',
+    'AttnEfficientNet',
+    *_LAZY,
+]

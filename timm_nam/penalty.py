@@ -1,4 +1,4 @@
-""" NAM's sparsity penalty (paper Eq. 4): ``p·Σ|γ| + p·Σ|λ|`` over NAM's own BN scales.
+"""NAM's sparsity penalty (paper Eq. 4): ``p·Σ|γ| + p·Σ|λ|`` over NAM's own BN scales.
 
 One definition, two ways to apply it, both exact in every training setup (fp32, bf16 autocast, fp16 with
 GradScaler, gradient accumulation, DDP):
@@ -13,12 +13,15 @@ GradScaler, gradient accumulation, DDP):
   ``--device-modules timm_nam --model-kwargs nam_penalty=1e-4``. (One difference from the loss term:
   gradient clipping, which runs before the step, does not see the penalty gradient.)
 
+Which p applies is decided in one place, `resolve_penalty` (``'paper'``, a number, the ``nam_penalty`` model kwarg).
+
 A tensor hook on γ would be wrong: under GradScaler it sees the scaled gradient, and it fires once per
 micro-batch. The authors' script never applied its penalty at all (it searched ``model._modules`` of a
 ``DataParallel`` wrapper for ``layer1...``).
 """
+
 import math
-from typing import Callable, Iterable, List, Optional, Union
+from typing import Callable, Iterable, List, Union
 
 import torch
 import torch.nn as nn
@@ -27,8 +30,16 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from .layers.nam import NAMChannel, NAMSpatial
 
 __all__ = [
-    'PAPER_PENALTY', 'nam_scales', 'paper_penalty', 'l1_penalty', 'add_penalty_grad_',
-    'NAMSparsityLoss', 'enable_penalty', 'disable_penalty',
+    'PAPER_PENALTY',
+    'nam_scales',
+    'paper_penalty',
+    'parse_penalty',
+    'resolve_penalty',
+    'l1_penalty',
+    'add_penalty_grad_',
+    'NAMSparsityLoss',
+    'enable_penalty',
+    'disable_penalty',
 ]
 
 # p of Eq. 4 used in the paper, by model family
@@ -50,17 +61,21 @@ def _reject_ema(model: nn.Module) -> None:
     if type(model).__name__.startswith('ModelEma'):
         raise TypeError(
             f'Got a {type(model).__name__}: the penalty belongs on the model being trained, not its EMA copy '
-            '(the EMA weights receive no gradients).')
+            '(the EMA weights receive no gradients).'
+        )
 
 
 def nam_scales(model: nn.Module) -> List[nn.Parameter]:
-    """The scales γ (channel) and λ (pixel) of every NAM layer in ``model``, each once; nothing else."""
+    """The scales γ (channel) and λ (pixel) of every NAM layer in ``model``, each once; nothing else. A layer whose
+    batch norm is frozen (timm's ``freeze_batch_norm_2d`` turns its scale into a buffer) has no scale to penalize."""
     _reject_ema(model)
     seen, scales = set(), []
     for module in _unwrap(model).modules():
-        if isinstance(module, (NAMChannel, NAMSpatial)) and id(module.bn.weight) not in seen:
-            seen.add(id(module.bn.weight))
-            scales.append(module.bn.weight)
+        if isinstance(module, (NAMChannel, NAMSpatial)):
+            scale = module.bn.weight
+            if isinstance(scale, nn.Parameter) and id(scale) not in seen:
+                seen.add(id(scale))
+                scales.append(scale)
     return scales
 
 
@@ -76,11 +91,44 @@ def paper_penalty(model: nn.Module) -> float:
     raise ValueError(f'No paper value of p for {name!r}; pass p explicitly.')
 
 
-def _check_p(p: float) -> float:
-    p = float(p)
+PenaltyValue = Union[float, str, None]
+
+
+def parse_penalty(value: PenaltyValue) -> PenaltyValue:
+    """The values p may take: None (not given), ``'paper'``, or a finite number >= 0 (also as text, as it comes from
+    a command line or timm's ``--model-kwargs``)."""
+    if value is None or value == 'paper':
+        return value
+    try:
+        p = float(value)
+    except (TypeError, ValueError):
+        p = math.nan
     if not math.isfinite(p) or p < 0:
-        raise ValueError(f'penalty p must be a finite number >= 0, got {p}')
+        raise ValueError(f"penalty p must be 'paper' or a finite number >= 0, got {value!r}")
     return p
+
+
+def resolve_penalty(model: nn.Module, p: PenaltyValue = None, model_kwarg: PenaltyValue = None) -> float:
+    """The p that ``model`` trains with: the one rule behind every way of asking for the penalty.
+
+    ``p`` is the value asked for directly (an argument, ``timm-nam train --nam-penalty``), ``model_kwarg`` the model
+    kwarg ``nam_penalty``; both name the same p, so when both are given they must agree. Neither given, or
+    ``'paper'``: the paper's value for the model's family, and 0 for a model without NAM layers (a baseline). An
+    explicit p > 0 for a model without NAM layers is an error: there is nothing it could apply to.
+    """
+    p, model_kwarg = parse_penalty(p), parse_penalty(model_kwarg)
+    if p is not None and model_kwarg is not None and p != model_kwarg:
+        raise ValueError(f'two different penalties asked for: p = {p} and the model kwarg nam_penalty = {model_kwarg}')
+    requested = p if p is not None else model_kwarg
+    if not nam_scales(model):
+        if requested in (None, 'paper', 0.0):
+            return 0.0
+        raise ValueError(f'{_no_nam_layers(model)} (p = {requested})')
+    return paper_penalty(model) if requested in (None, 'paper') else requested
+
+
+def _no_nam_layers(model: nn.Module) -> str:
+    return f'{type(_unwrap(model)).__name__} has no NAM layers to penalize'
 
 
 class _L1Penalty(torch.autograd.Function):
@@ -122,16 +170,17 @@ class NAMSparsityLoss(nn.Module):
     Args:
         criterion: the task loss, called as ``criterion(output, target)``.
         model: the model being trained (may be wrapped by DDP or torch.compile; not an EMA copy).
-        p: penalty weight; None takes the paper's value for the model family (1e-4 ResNet, 1e-3 MobileNetV2).
+        p: penalty weight; None or 'paper' takes the paper's value for the model family (1e-4 ResNet, 1e-3
+            MobileNetV2); see `resolve_penalty`.
     """
 
-    def __init__(self, criterion: Callable, model: nn.Module, p: Optional[float] = None):
+    def __init__(self, criterion: Callable, model: nn.Module, p: PenaltyValue = None):
         super().__init__()
         self.criterion = criterion
-        self.p = _check_p(paper_penalty(model) if p is None else p)
         self._scales = nam_scales(model)  # parameters are shared with every wrapper of the model
         if not self._scales:
-            raise ValueError(f'{type(_unwrap(model)).__name__} has no NAM layers to penalize')
+            raise ValueError(_no_nam_layers(model))
+        self.p = resolve_penalty(model, p)
 
     def penalty(self) -> torch.Tensor:
         return l1_penalty(self._scales, self.p)
@@ -162,14 +211,14 @@ def _step_pre_hook(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
         add_penalty_grad_(params, p)
 
 
-def enable_penalty(model: nn.Module, p: Union[float, str, None] = None) -> float:
+def enable_penalty(model: nn.Module, p: PenaltyValue = None) -> float:
     """Apply the penalty to ``model``'s NAM scales at every ``optimizer.step()`` of any optimizer that holds
-    them. ``p=None`` or ``'paper'`` takes the paper's value. Returns p."""
+    them. ``p=None`` or ``'paper'`` takes the paper's value (`resolve_penalty`). Returns p."""
     global _hook_handle
-    p = _check_p(paper_penalty(model) if p in (None, 'paper') else p)
     scales = nam_scales(model)
     if not scales:
-        raise ValueError(f'{type(_unwrap(model)).__name__} has no NAM layers to penalize')
+        raise ValueError(_no_nam_layers(model))
+    p = resolve_penalty(model, p)
     for s in scales:
         setattr(s, _PENALTY_ATTR, p)
     if _hook_handle is None:

@@ -1,4 +1,5 @@
-""" How sparse did the penalty make NAM's scales? Per-layer statistics of γ (channel) and λ (pixel), and a plot. """
+"""How sparse did the penalty make NAM's scales? Per-layer statistics of γ (channel) and λ (pixel), and a plot."""
+
 import csv
 import json
 from pathlib import Path
@@ -43,8 +44,9 @@ def _summary(rows: List[Dict], kind: str, thresholds) -> Dict:
     values = torch.tensor([v for r in rows if r['kind'] == kind for v in r['values']])
     out = {'layer': f'all {kind}', 'kind': kind, 'n': values.numel()}
     if values.numel():
-        out.update(mean=values.mean().item(), median=values.median().item(), min=values.min().item(),
-                   max=values.max().item())
+        out.update(
+            mean=values.mean().item(), median=values.median().item(), min=values.min().item(), max=values.max().item()
+        )
         out.update({f'frac<{t:g}': (values < t).float().mean().item() for t in thresholds})
     return out
 

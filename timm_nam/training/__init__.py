@@ -1,2 +1,2 @@
-from .loop import TrainConfig, train
+from .loop import TrainConfig, TrainingDivergedError, train
 from .recipes import RECIPES, Recipe, get_recipe

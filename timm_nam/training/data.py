@@ -1,9 +1,11 @@
-""" Data for ``timm-nam train``: timm datasets and transforms, with every random choice made reproducible.
+"""Data for ``timm-nam train``: timm datasets and transforms, with every random choice made reproducible.
 
 Each sample's augmentation is seeded from (seed, epoch, index), and each epoch's sample order from
 (seed, epoch). So a run resumed from an epoch checkpoint sees exactly the data of an uninterrupted run,
 and N processes under DDP see exactly the chunks one process sees with N accumulation steps.
 """
+
+import contextlib
 import os
 import random
 from pathlib import Path
@@ -30,18 +32,21 @@ def check_data_dir(data_dir: str, dataset: str) -> None:
         folder = {'torch/cifar100': 'cifar-100-python', 'torch/cifar10': 'cifar-10-batches-py'}[dataset]
         if not (root / folder).is_dir():
             raise FileNotFoundError(
-                f'{dataset} expects torchvision\'s layout: {root / folder} (extract the python-version tarball '
-                f'into {root}); no download is attempted')
+                f"{dataset} expects torchvision's layout: {root / folder} (extract the python-version tarball "
+                f'into {root}); no download is attempted'
+            )
         return
     if dataset:
-        raise ValueError(f'Unsupported dataset {dataset!r}: use an ImageFolder directory (no --dataset) or one of '
-                         f'{TORCH_DATASETS}')
+        raise ValueError(
+            f'Unsupported dataset {dataset!r}: use an ImageFolder directory (no --dataset) or one of {TORCH_DATASETS}'
+        )
     for split in ('train', 'val'):
         d = root / split
         if not d.is_dir():
             raise FileNotFoundError(
                 f'{root} is not an ImageFolder dataset: expected {d} with one sub-directory per class '
-                f'(<root>/train/<class>/*.jpg and <root>/val/<class>/*.jpg)')
+                f'(<root>/train/<class>/*.jpg and <root>/val/<class>/*.jpg)'
+            )
         if not any(p.is_dir() for p in d.iterdir()):
             raise FileNotFoundError(f'{d} has no class sub-directories')
 
@@ -63,7 +68,9 @@ def _transforms(aug: str, img_size: int, mean, std, crop_pct: float):
     return train, val
 
 
-def build_datasets(data_dir: str, dataset: str, aug: str, img_size: int, model_name: str) -> Tuple[Dataset, Dataset, int]:
+def build_datasets(
+    data_dir: str, dataset: str, aug: str, img_size: int, model_name: str
+) -> Tuple[Dataset, Dataset, int]:
     """(train, val, num_classes) with train/eval transforms from the recipe and the model's mean/std."""
     check_data_dir(data_dir, dataset)
     cfg = resolve_data_config({}, pretrained_cfg=get_pretrained_cfg(model_name).to_dict())
@@ -79,7 +86,13 @@ def build_datasets(data_dir: str, dataset: str, aug: str, img_size: int, model_n
 
 
 class SeededDataset(Dataset):
-    """Wraps a dataset so each sample's random transform is seeded from (seed, epoch, index)."""
+    """Wraps a dataset so each sample's random transform is seeded from (seed, epoch, index).
+
+    The transforms draw from the global RNGs (torchvision's from torch's, timm's from Python's ``random``) and take no
+    generator, so each item runs under the global RNGs seeded for it, and their states are put back afterwards:
+    the model's own randomness (dropout, drop-path) is then the same whether items are loaded in this process or in
+    worker processes.
+    """
 
     def __init__(self, dataset: Dataset, seed: int):
         self.dataset = dataset
@@ -93,20 +106,34 @@ class SeededDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int):
-        s = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + index
-        random.seed(s)
-        np.random.seed(s % 2 ** 32)
-        torch.manual_seed(s)
-        return self.dataset[index]
+        with _seeded_rngs((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index):
+            return self.dataset[index]
 
 
-def train_loader(dataset: 'SeededDataset', sampler: 'GlobalBatchSampler', workers: int,
-                 pin_memory: bool = False) -> DataLoader:
+@contextlib.contextmanager
+def _seeded_rngs(seed: int) -> Iterator[None]:
+    """Seed torch's, Python's and numpy's global RNGs for the block and restore their states after it."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            torch.manual_seed(seed)
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+def train_loader(
+    dataset: 'SeededDataset', sampler: 'GlobalBatchSampler', workers: int, pin_memory: bool = False
+) -> DataLoader:
     """The training DataLoader. Its workers are not persistent on purpose: a persistent worker keeps the copy of
     the dataset it was started with, so ``SeededDataset.set_epoch`` would never reach it and every epoch would
     replay epoch 0's augmentation of each image. Workers started per epoch copy the current epoch."""
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, persistent_workers=False,
-                      pin_memory=pin_memory)
+    return DataLoader(
+        dataset, batch_sampler=sampler, num_workers=workers, persistent_workers=False, pin_memory=pin_memory
+    )
 
 
 class GlobalBatchSampler(Sampler[List[int]]):
@@ -117,12 +144,22 @@ class GlobalBatchSampler(Sampler[List[int]]):
     ``rank * accum_steps ... rank * accum_steps + accum_steps - 1``. The last partial global batch is dropped.
     """
 
-    def __init__(self, num_samples: int, global_batch: int, seed: int, rank: int = 0, world_size: int = 1,
-                 accum_steps: int = 1, shuffle: bool = True):
+    def __init__(
+        self,
+        num_samples: int,
+        global_batch: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        accum_steps: int = 1,
+        shuffle: bool = True,
+    ):
         chunks = world_size * accum_steps
         if global_batch % chunks:
-            raise ValueError(f'batch size {global_batch} does not split into {world_size} process(es) x '
-                             f'{accum_steps} accumulation step(s)')
+            raise ValueError(
+                f'batch size {global_batch} does not split into {world_size} process(es) x '
+                f'{accum_steps} accumulation step(s)'
+            )
         if num_samples < global_batch:
             raise ValueError(f'batch size {global_batch} is larger than the dataset ({num_samples} samples)')
         self.num_samples, self.global_batch, self.seed = num_samples, global_batch, seed
@@ -147,10 +184,10 @@ class GlobalBatchSampler(Sampler[List[int]]):
         else:
             order = list(range(self.num_samples))
         for step in range(self.steps):
-            batch = order[step * self.global_batch:(step + 1) * self.global_batch]
+            batch = order[step * self.global_batch : (step + 1) * self.global_batch]
             for k in range(self.accum_steps):
                 start = (self.rank * self.accum_steps + k) * self.micro
-                yield batch[start:start + self.micro]
+                yield batch[start : start + self.micro]
 
 
 def shard_indices(num_samples: int, rank: int, world_size: int) -> List[int]:

@@ -1,4 +1,5 @@
-""" Named training recipes for ``timm-nam train``; every field can be overridden by a flag. """
+"""Named training recipes for ``timm-nam train``; every field can be overridden by a flag."""
+
 from dataclasses import dataclass, field, fields, replace
 from typing import Tuple
 
@@ -32,15 +33,35 @@ RECIPES = {
     # 60/120/160, crop 32 pad 4 + flip, seed 1234. (Their script normalized with CIFAR-10's mean/std by mistake;
     # we use CIFAR-100's.)
     'cifar': Recipe(
-        epochs=200, batch_size=128, lr=0.1, weight_decay=5e-4, opt='momentum', filter_bias_and_bn=False,
+        epochs=200,
+        batch_size=128,
+        lr=0.1,
+        weight_decay=5e-4,
+        opt='momentum',
+        filter_bias_and_bn=False,
         sched='multistep',
-        decay_milestones=(60, 120, 160), decay_rate=0.2, img_size=32, aug='cifar', seed=1234,
-        description="the NAM authors' CIFAR-100 recipe"),
+        decay_milestones=(60, 120, 160),
+        decay_rate=0.2,
+        img_size=32,
+        aug='cifar',
+        seed=1234,
+        description="the NAM authors' CIFAR-100 recipe",
+    ),
     # A conventional ImageNet-style SGD recipe (the paper gives none for MobileNetV2/ImageNet).
     'imagenet': Recipe(
-        epochs=100, batch_size=256, lr=0.1, weight_decay=1e-4, opt='sgd', sched='cosine', warmup_epochs=5,
-        smoothing=0.1, img_size=224, aug='imagenet', seed=42,
-        description='ImageNet-style: SGD, cosine schedule with warmup, label smoothing'),
+        epochs=100,
+        batch_size=256,
+        lr=0.1,
+        weight_decay=1e-4,
+        opt='sgd',
+        sched='cosine',
+        warmup_epochs=5,
+        smoothing=0.1,
+        img_size=224,
+        aug='imagenet',
+        seed=42,
+        description='ImageNet-style: SGD, cosine schedule with warmup, label smoothing',
+    ),
 }
 
 RECIPE_FIELDS = tuple(f.name for f in fields(Recipe) if f.name != 'description')
