@@ -1,7 +1,7 @@
 """The Imagenette comparison of NAM against its baselines, run through ``timm-nam train``; resumable.
 
 Every (model, seed) run appends one row to ``results/imagenette_study/runs.csv``; rows already there are skipped,
-so the study can span sessions. ``scripts/summarize_study.py`` turns the rows into mean ± std tables and a plot.
+so the study can be run in pieces. ``scripts/summarize_study.py`` turns the rows into mean ± std tables and a plot.
 
     python scripts/imagenette_study.py --data-dir ../shared/data/imagenette2-224            # everything missing
     python scripts/imagenette_study.py --data-dir ... --family mobilenetv2 --max-runs 2     # a slice
@@ -13,7 +13,7 @@ One recipe per family; NAM models get the paper's penalty (1e-3 MobileNetV2, 1e-
 - resnet50_cifar (GPU only, chosen by name): Table 1's models (CIFAR-stem ResNet-50) under the authors' CIFAR recipe
   (momentum SGD lr 0.1, wd 5e-4 on all parameters, batch 128, padded crop + flip) on Imagenette at 160 px, SHORTENED
   to 4 epochs at lr 0.1 / 0.02 / 0.004 / 0.0008 (theirs: 200 epochs on CIFAR-100 at 32 px, x0.2 from 30/60/80 %)
-  so that all five models fit one 15-minute GPU lease: at 160 px the CIFAR stem costs ~33 GFLOPs per image, ~8x
+  to keep one seed of all five to minutes on one GPU: at 160 px the CIFAR stem costs ~33 GFLOPs per image, ~8x
   ResNet-50 at 224 px; one seed of all five took 12 minutes on an H200, and NAM spatial needs more than 83 GiB at
   batch 128 (not an 80-GB H100). An early-training comparison, labelled as such; it cannot confirm or refute Table 1.
 
@@ -21,6 +21,7 @@ One recipe per family; NAM models get the paper's penalty (1e-3 MobileNetV2, 1e-
 """
 
 import argparse
+import ast
 import csv
 import hashlib
 import json
@@ -64,7 +65,16 @@ FAMILIES = {  # a family's args are its whole recipe: the string that groups its
         args=CPU_COMMON + ['--lr', '0.03', '--weight-decay', '4e-5'],
     ),
     'resnet18': dict(
-        models=['resnet18', 'resnet18_se', 'resnet18_cbam', 'resnet18_nam', 'resnet18_nam_sp'],
+        models=[
+            'resnet18',
+            'resnet18_se',
+            'resnet18_cbam',
+            'resnet18_nam',
+            'resnet18_nam_sp',
+            # NAM variants (opt-in layer options, see timm_nam.NAMChannel): a model name and its kwargs
+            'resnet18_nam:nam_weighting=mean',
+            'resnet18_nam:nam_grad_through_weights=True',
+        ],
         args=CPU_COMMON + ['--lr', '0.05', '--weight-decay', '1e-4'],
     ),
     'resnet50_cifar': dict(
@@ -115,6 +125,20 @@ FIELDS = [
 ]
 
 
+def split_spec(spec: str):
+    """'name:k=v,k=v' -> ('name', {'k': literal v, ...}): a registered model with constructor kwargs (``--model-kwargs``
+    of timm-nam train); the whole spec is the row's model."""
+    name, _, options = spec.partition(':')
+    kwargs = {}
+    for item in filter(None, options.split(',')):
+        key, _, value = item.partition('=')
+        try:
+            kwargs[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            kwargs[key] = value
+    return name, kwargs
+
+
 def recipe_string(family: str) -> str:
     return ' '.join(FAMILIES[family]['args'])
 
@@ -156,14 +180,16 @@ def device_label(device: str) -> str:
 
 def run_one(family: str, model: str, seed: int, data_dir: str, runs_dir: Path, workers: int) -> dict:
     # the recipe's hash in the name: a run of another recipe is never resumed as this one
-    out = runs_dir / f'{model}_s{seed}_{hashlib.sha1(recipe_string(family).encode()).hexdigest()[:8]}'
+    name, model_kwargs = split_spec(model)
+    slug = model.replace(':', '__').replace('=', '-').replace(',', '_')
+    out = runs_dir / f'{slug}_s{seed}_{hashlib.sha1(recipe_string(family).encode()).hexdigest()[:8]}'
     cmd = [
         sys.executable,
         '-m',
         'timm_nam',
         'train',
         '-m',
-        model,
+        name,
         '--data-dir',
         data_dir,
         '-o',
@@ -174,14 +200,16 @@ def run_one(family: str, model: str, seed: int, data_dir: str, runs_dir: Path, w
         str(workers),
         *FAMILIES[family]['args'],
     ]
+    if model_kwargs:
+        cmd += ['--model-kwargs', *(f'{k}={v!r}' for k, v in model_kwargs.items())]
     if (out / 'last_state.pt').is_file():
         cmd += ['--resume', str(out)]
     subprocess.run(cmd, check=True)
     metrics = json.loads((out / 'metrics.json').read_text())
     args = json.loads((out / 'args.json').read_text())
     img_size = args['recipe']['img_size']
-    kwargs = {'img_size': img_size} if timm.get_pretrained_cfg_value(model, 'fixed_input_size') else {}
-    net = timm.create_model(model, num_classes=args['num_classes'], **kwargs)
+    kwargs = {'img_size': img_size} if timm.get_pretrained_cfg_value(name, 'fixed_input_size') else {}
+    net = timm.create_model(name, num_classes=args['num_classes'], **kwargs, **model_kwargs)
     final = metrics[-1]
     return {
         'family': family,

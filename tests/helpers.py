@@ -68,18 +68,24 @@ def randomize_bn(bn: nn.Module) -> None:
         bn.running_var.uniform_(0.5, 2.0)
 
 
-def channel_reference(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+def reference_weights(scale: torch.Tensor, weighting: str = 'sum') -> torch.Tensor:
+    """|γ|/Σ|γ| from ``.data`` as the authors' code, or C times that (|γ|/mean|γ|) for ``weighting='mean'``."""
+    w = scale.data.abs() / scale.data.abs().sum()
+    return w * scale.numel() if weighting == 'mean' else w
+
+
+def channel_reference(bn: nn.BatchNorm2d, x: torch.Tensor, weighting: str = 'sum') -> torch.Tensor:
     """Authors' Channel_Att: sigmoid(|γ|/Σ|γ| · BN(x)) · x with weights from .data."""
-    w = bn.weight.data.abs() / bn.weight.data.abs().sum()
+    w = reference_weights(bn.weight, weighting)
     return torch.sigmoid(bn(x) * w.view(1, -1, 1, 1)) * x
 
 
-def spatial_reference(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def spatial_reference(bn: nn.Module, x: torch.Tensor, weighting: str = 'sum') -> torch.Tensor:
     """Authors' deleted pixel attention: BatchNorm1d(H·W) over x reshaped to (N, H·W, C), with the state of ``bn``
     (NAMSpatial keeps that state in a batch norm over H·W features)."""
     n, c, h, w = x.shape
     x3 = x.permute(0, 2, 3, 1).reshape(n, h * w, c)  # stats per pixel over batch and channels
     y = F.batch_norm(x3, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.training, bn.momentum, bn.eps)
     y = y.reshape(n, h, w, c).permute(0, 3, 1, 2)
-    lam = bn.weight.data.abs() / bn.weight.data.abs().sum()
+    lam = reference_weights(bn.weight, weighting)
     return torch.sigmoid(y * lam.view(1, 1, h, w)) * x

@@ -17,7 +17,7 @@ from timm.layers import set_layer_config
 from timm.utils import reparameterize_model
 
 from tests.helpers import channel_reference, randomize_bn
-from timm_nam import NAM, NAMChannel, NAMGate, NAMSpatial, nam_weights
+from timm_nam import NAM, NAMChannel, NAMGate, NAMSpatial
 from timm_nam.layers import BatchNorm2dForNAM
 from timm_nam.layers.nam import pixel_batch_stats
 from timm_nam.layers.nam_functional import channel_gate_train, pixel_gate_train, published_norm_output
@@ -35,26 +35,30 @@ def _plain_copy(bn: nn.BatchNorm2d) -> nn.BatchNorm2d:
     return plain
 
 
-def _reference(layer: nn.Module, x: torch.Tensor, through: bool) -> torch.Tensor:
-    """The authors' formula on a copy of ``layer``'s BN, weights optionally with gradient."""
+def _reference(layer: nn.Module, x: torch.Tensor, through: bool, weighting: str = 'sum') -> torch.Tensor:
+    """The authors' formula on a copy of ``layer``'s BN, weights (written out) optionally with gradient."""
     bn = layer.bn
+    scale = bn.weight if through else bn.weight.detach()
+    w = scale.abs() / (scale.abs().sum() if weighting == 'sum' else scale.abs().mean())
     if isinstance(layer, NAMChannel):
         y = bn(x)
-        w = nam_weights(bn.weight, detach=not through).view(1, -1, 1, 1)
+        w = w.view(1, -1, 1, 1)
     else:
         n, c, h, w_ = x.shape
         y = bn(x.permute(0, 2, 3, 1).reshape(n, h * w_, c)).reshape(n, h, w_, c).permute(0, 3, 1, 2)
-        w = nam_weights(bn.weight, detach=not through).view(1, 1, h, w_)
+        w = w.view(1, 1, h, w_)
     return torch.sigmoid(y * w) * x
 
 
 @pytest.mark.parametrize('kind', ['channel', 'pixel'])
 @pytest.mark.parametrize('after_norm', [False, True], ids=['alone', 'after_nam_aware_bn'])
 @pytest.mark.parametrize('through', [False, True], ids=['weights_const', 'grad_through_weights'])
-def test_training_path_equals_formula_float64(kind, after_norm, through):
+@pytest.mark.parametrize('weighting', ['sum', 'mean'])
+def test_training_path_equals_formula_float64(kind, after_norm, through, weighting):
     """Outputs, the gradients of the input, of γ and β (and of the preceding BN) and the running statistics
     of three training steps equal the authors' formula on plain modules."""
     layer = (NAMChannel(6) if kind == 'channel' else NAMSpatial(6, feat_size=(4, 5))).double()
+    layer.weighting = weighting
     layer.grad_through_weights = through
     randomize_bn(layer.bn)
     ref = copy.deepcopy(layer)
@@ -67,7 +71,7 @@ def test_training_path_equals_formula_float64(kind, after_norm, through):
         y = (torch.randn(3, 6, 4, 5, dtype=torch.float64) * 2 + step).requires_grad_()
         x = pre(y)
         assert (published_norm_output(x) is not None) == after_norm
-        out, ref_out = layer(x), _reference(ref, ref_pre(y), through)
+        out, ref_out = layer(x), _reference(ref, ref_pre(y), through, weighting)
         torch.testing.assert_close(out, ref_out, atol=1e-12, rtol=1e-10)
         grad = torch.randn_like(out)
         params = [layer.bn.weight, layer.bn.bias, *pre.parameters()]

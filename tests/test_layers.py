@@ -13,9 +13,10 @@ from tests.helpers import channel_reference, randomize_bn, spatial_reference
 from timm_nam import BAM, NAM, NAMChannel, NAMSpatial, TripletAttention, nam_weights
 
 
+@pytest.mark.parametrize('weighting', ['sum', 'mean'])
 @pytest.mark.parametrize('training', [True, False])
-def test_channel_matches_formula_float64(training):
-    layer = NAMChannel(16).double()
+def test_channel_matches_formula_float64(training, weighting):
+    layer = NAMChannel(16, weighting=weighting).double()
     randomize_bn(layer.bn)
     ref_bn = nn.BatchNorm2d(16).double()
     ref_bn.load_state_dict(layer.bn.state_dict())
@@ -24,16 +25,17 @@ def test_channel_matches_formula_float64(training):
     x = torch.randn(4, 16, 7, 5, dtype=torch.float64) * 3 + 1
     for _ in range(3):  # also checks the running statistics evolve identically
         out = layer(x)
-        ref = channel_reference(ref_bn, x)
+        ref = channel_reference(ref_bn, x, weighting)
         torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
     torch.testing.assert_close(layer.bn.running_mean, ref_bn.running_mean, atol=1e-12, rtol=0)
     torch.testing.assert_close(layer.bn.running_var, ref_bn.running_var, atol=1e-12, rtol=0)
     assert int(layer.bn.num_batches_tracked) == int(ref_bn.num_batches_tracked)
 
 
+@pytest.mark.parametrize('weighting', ['sum', 'mean'])
 @pytest.mark.parametrize('training', [True, False])
-def test_spatial_matches_formula_float64(training):
-    layer = NAMSpatial(6, feat_size=(5, 4)).double()
+def test_spatial_matches_formula_float64(training, weighting):
+    layer = NAMSpatial(6, feat_size=(5, 4), weighting=weighting).double()
     assert layer.bn.weight.shape == (20,)
     randomize_bn(layer.bn)
     ref_bn = nn.BatchNorm1d(20).double()
@@ -42,7 +44,7 @@ def test_spatial_matches_formula_float64(training):
     ref_bn.train(training)
     x = torch.randn(3, 6, 5, 4, dtype=torch.float64) * 2 - 1
     for _ in range(3):
-        torch.testing.assert_close(layer(x), spatial_reference(ref_bn, x), atol=1e-6, rtol=0)
+        torch.testing.assert_close(layer(x), spatial_reference(ref_bn, x, weighting), atol=1e-6, rtol=0)
     torch.testing.assert_close(layer.bn.running_mean, ref_bn.running_mean, atol=1e-12, rtol=0)
     torch.testing.assert_close(layer.bn.running_var, ref_bn.running_var, atol=1e-12, rtol=0)
 
@@ -56,12 +58,13 @@ def test_combined_is_channel_then_spatial():
     torch.testing.assert_close(layer(x), expected, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize('make', [lambda: NAMChannel(8), lambda: NAMSpatial(8, feat_size=4)])
-def test_gradients_match_formula(make):
+@pytest.mark.parametrize('weighting', ['sum', 'mean'])
+@pytest.mark.parametrize('make', [NAMChannel, partial(NAMSpatial, feat_size=4)])
+def test_gradients_match_formula(make, weighting):
     """Default: no gradient through |γ|/Σ|γ| (authors' .data); option: gradient through it."""
     x = torch.randn(4, 8, 4, 4, dtype=torch.float64)
     for through in (False, True):
-        layer = make().double().train()
+        layer = make(8, weighting=weighting).double().train()
         layer.grad_through_weights = through
         randomize_bn(layer.bn)
         ref_bn = (nn.BatchNorm2d(8) if isinstance(layer, NAMChannel) else nn.BatchNorm1d(16)).double()
@@ -70,7 +73,7 @@ def test_gradients_match_formula(make):
         layer(xa).square().sum().backward()
         # the weighting written out, not taken from the code under test: |γ| / Σ|γ|, from .data as the authors' code
         scale = ref_bn.weight if through else ref_bn.weight.detach()
-        weights = scale.abs() / scale.abs().sum()
+        weights = scale.abs() / (scale.abs().sum() if weighting == 'sum' else scale.abs().mean())
         if isinstance(layer, NAMChannel):
             ref = torch.sigmoid(ref_bn(xb) * weights.view(1, -1, 1, 1)) * xb
         else:
@@ -166,9 +169,10 @@ def test_timm_attn_layer_and_se_layer_slots():
         sized(torch.randn(1, 3, 64, 64))
 
 
-@pytest.mark.parametrize('make', [lambda: NAMChannel(8), lambda: NAMSpatial(8, feat_size=5), lambda: NAM(8, 5)])
-def test_torchscript_matches_eager(make):
-    layer = make()
+@pytest.mark.parametrize('weighting', ['sum', 'mean'])
+@pytest.mark.parametrize('make', [NAMChannel, partial(NAMSpatial, feat_size=5), partial(NAM, feat_size=5)])
+def test_torchscript_matches_eager(make, weighting):
+    layer = make(8, weighting=weighting)
     scripted = torch.jit.script(layer)
     x = torch.randn(2, 8, 5, 5)
     for training in (True, False):
@@ -177,9 +181,10 @@ def test_torchscript_matches_eager(make):
         torch.testing.assert_close(scripted(x), layer(x))
 
 
+@pytest.mark.parametrize('weighting', ['sum', 'mean'])
 @pytest.mark.parametrize('backend', ['aot_eager', 'inductor'])
-def test_compile_fullgraph_matches_eager(backend):
-    layer = NAM(8, 5).train()
+def test_compile_fullgraph_matches_eager(backend, weighting):
+    layer = NAM(8, 5, weighting=weighting).train()
     compiled = torch.compile(layer, fullgraph=True, backend=backend)
     x = torch.randn(2, 8, 5, 5)
     torch.testing.assert_close(compiled(x), layer(x))
@@ -246,3 +251,14 @@ def test_inference_path_reuses_buffers_and_matches_autograd_path():
     slow = layer(x.clone().requires_grad_())
     torch.testing.assert_close(fast, slow.detach())
     assert slow.grad_fn is not None
+
+
+def test_mean_weighting_is_c_times_the_papers():
+    layer = NAMChannel(16, weighting='mean')
+    randomize_bn(layer.bn)
+    paper = NAMChannel(16)
+    paper.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(layer.weights(), 16 * paper.weights())
+    torch.testing.assert_close(layer.weights().mean(), torch.tensor(1.0))
+    with pytest.raises(ValueError, match="weighting must be 'sum'"):
+        NAMChannel(4, weighting='max')

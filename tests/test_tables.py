@@ -32,9 +32,7 @@ def test_every_paper_row_matches():
         row = m['row']
         # exact counts: a 0.01M tolerance on the paper's rounded values would also accept the bare network
         assert m['params'] == PAPER_PARAMS[row.model], row.label
-        if row.params_m is not None:
-            assert round(m['params'] / 1e6, 2) == row.params_m, row.label
-            assert round(m['paper_flops'] / 1e9, 2) == row.flops_g, row.label
+        if row.params_m is not None:  # and within the paper's two decimals (it rounds 3,504,872 to 3.51M)
             assert m['params_ok'] and m['flops_ok'], row.label
     by_model = {m['row'].model: m for m in rows}
     # conv + linear multiply-adds of the bare networks: 1.298 G and 0.301 G; NAM adds no multiply-adds

@@ -56,8 +56,13 @@ def _check_timm_kwargs(layer_name: str, kwargs: dict) -> None:
         raise TypeError(f'{layer_name} got unexpected keyword argument(s): {", ".join(unknown)}')
 
 
-def nam_weights(scale: torch.Tensor, detach: bool = True) -> torch.Tensor:
-    """NAM's importance weights ``|scale| / sum(|scale|)``.
+NAM_WEIGHTINGS = ('sum', 'mean')
+
+
+def nam_weights(scale: torch.Tensor, detach: bool = True, weighting: str = 'sum') -> torch.Tensor:
+    """NAM's importance weights: ``|scale| / sum(|scale|)`` (``weighting='sum'``, the paper and the authors' code) or
+    ``|scale| / mean(|scale|)`` (``'mean'``: C times larger, so that the sigmoid's argument ``w·γ·x̂`` is of order 1
+    instead of 1/C; the relative importances are the same).
 
     ``detach=True`` reproduces the authors' code, which reads ``bn.weight.data``: no gradient flows
     through the weights. If every scale is 0 the weights are defined as 0, so the gate is
@@ -67,7 +72,16 @@ def nam_weights(scale: torch.Tensor, detach: bool = True) -> torch.Tensor:
     if detach:
         a = a.detach()
     total = a.sum()
+    if weighting == 'mean':
+        total = total / a.numel()
     return a / torch.where(total > 0, total, torch.ones_like(total))
+
+
+def _check_weighting(layer_name: str, weighting: str) -> None:
+    if weighting not in NAM_WEIGHTINGS:
+        raise ValueError(
+            f"{layer_name} weighting must be 'sum' (|γ|/Σ|γ|, the paper's) or 'mean' (|γ|/mean|γ|), got '{weighting}'"
+        )
 
 
 # Public names: torch.fx only auto-wraps (does not trace into) functions whose names lack a leading '_'.
@@ -149,11 +163,11 @@ def pixel_batch_stats(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torc
 class _NAMGate(nn.Module):
     """What the channel and pixel gates share: a batch norm whose scale gives the importance weights."""
 
-    # subclasses set self.bn (a batch norm) and self.grad_through_weights
+    # subclasses set self.bn (a batch norm), self.grad_through_weights and self.weighting
 
     def weights(self) -> torch.Tensor:
-        """``|scale| / sum(|scale|)``, constant for autograd unless ``grad_through_weights``."""
-        return nam_weights(self.bn.weight, detach=not self.grad_through_weights)
+        """The importance weights (`nam_weights`), constant for autograd unless ``grad_through_weights``."""
+        return nam_weights(self.bn.weight, detach=not self.grad_through_weights, weighting=self.weighting)
 
     def _uses_batch_stats(self) -> bool:
         """Training with a live batch norm. A norm frozen by timm's ``freeze_batch_norm_2d`` (a
@@ -181,6 +195,7 @@ class NAMChannel(_NAMGate):
         grad_through_weights: if False (default, as the authors' code) the weighting ``|γ|/Σ|γ|`` is
             a constant for autograd and γ is trained only through BN's own ``γ·x̂ + β``; if True the
             gradient also flows through the weighting.
+        weighting: 'sum' (default, the paper's ``|γ|/Σ|γ|``) or 'mean' (``|γ|/mean|γ|``, see `nam_weights`).
         eps, momentum: the batch norm's.
         device, dtype: factory kwargs.
         **kwargs: timm's attention-layer keywords (``act_layer``, ``rd_ratio``, ...) are accepted so the
@@ -191,6 +206,7 @@ class NAMChannel(_NAMGate):
         self,
         channels: int,
         grad_through_weights: bool = False,
+        weighting: str = 'sum',
         eps: float = 1e-5,
         momentum: float = 0.1,
         device=None,
@@ -201,6 +217,8 @@ class NAMChannel(_NAMGate):
         _check_timm_kwargs(type(self).__name__, kwargs)
         self.channels = channels
         self.grad_through_weights = grad_through_weights
+        _check_weighting(type(self).__name__, weighting)
+        self.weighting = weighting
         self.bn = nn.BatchNorm2d(channels, eps=eps, momentum=momentum, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -228,12 +246,12 @@ class NAMChannel(_NAMGate):
         batch norm's parameters and running statistics. `timm.utils.reparameterize_model` calls it."""
         bn = self.bn
         with torch.no_grad():
-            w = nam_weights(bn.weight)
+            w = nam_weights(bn.weight, weighting=self.weighting)
             a, b = fold_gate(bn.weight * w, bn.bias * w, bn.running_mean, bn.running_var, bn.eps)
         return NAMGate(a.view(1, -1, 1, 1), b.view(1, -1, 1, 1), channels=self.channels)
 
     def extra_repr(self) -> str:
-        return f'channels={self.channels}, grad_through_weights={self.grad_through_weights}'
+        return f'channels={self.channels}, grad_through_weights={self.grad_through_weights}, weighting={self.weighting}'
 
 
 class NAMSpatial(_NAMGate):
@@ -248,7 +266,7 @@ class NAMSpatial(_NAMGate):
     Args:
         channels: number of input channels C (checked at run time).
         feat_size: (H, W) of the feature map this layer sees, or an int for square maps.
-        grad_through_weights, eps, momentum, device, dtype, **kwargs: as in `NAMChannel`.
+        grad_through_weights, weighting, eps, momentum, device, dtype, **kwargs: as in `NAMChannel`.
     """
 
     def __init__(
@@ -256,6 +274,7 @@ class NAMSpatial(_NAMGate):
         channels: int,
         feat_size: Optional[Union[int, Tuple[int, int]]] = None,
         grad_through_weights: bool = False,
+        weighting: str = 'sum',
         eps: float = 1e-5,
         momentum: float = 0.1,
         device=None,
@@ -272,6 +291,8 @@ class NAMSpatial(_NAMGate):
         self.channels = channels
         self.feat_size = tuple(to_2tuple(feat_size))
         self.grad_through_weights = grad_through_weights
+        _check_weighting(type(self).__name__, weighting)
+        self.weighting = weighting
         num_pixels = self.feat_size[0] * self.feat_size[1]
         # The statistics are computed here (per pixel, over batch and channels); the norm module holds λ, β and the
         # running statistics with the authors' keys and shapes. It is a BatchNorm2d over H·W features (the authors'
@@ -326,18 +347,21 @@ class NAMSpatial(_NAMGate):
         bn = self.bn
         h, w_ = self.feat_size
         with torch.no_grad():
-            w = nam_weights(bn.weight)
+            w = nam_weights(bn.weight, weighting=self.weighting)
             a, b = fold_gate(bn.weight * w, bn.bias * w, bn.running_mean, bn.running_var, bn.eps)
         return NAMGate(a.view(1, 1, h, w_), b.view(1, 1, h, w_), channels=self.channels, feat_size=self.feat_size)
 
     def extra_repr(self) -> str:
-        return f'channels={self.channels}, feat_size={self.feat_size}, grad_through_weights={self.grad_through_weights}'
+        return (
+            f'channels={self.channels}, feat_size={self.feat_size}, '
+            f'grad_through_weights={self.grad_through_weights}, weighting={self.weighting}'
+        )
 
 
 class NAM(nn.Module):
     """NAM with channel then spatial attention, in sequence (the paper adopts CBAM's integration).
 
-    Args are those of `NAMSpatial`; both submodules share ``grad_through_weights``, ``eps`` and
+    Args are those of `NAMSpatial`; both submodules share ``grad_through_weights``, ``weighting``, ``eps`` and
     ``momentum``.
     """
 
@@ -346,6 +370,7 @@ class NAM(nn.Module):
         channels: int,
         feat_size: Optional[Union[int, Tuple[int, int]]] = None,
         grad_through_weights: bool = False,
+        weighting: str = 'sum',
         eps: float = 1e-5,
         momentum: float = 0.1,
         device=None,
@@ -354,7 +379,14 @@ class NAM(nn.Module):
     ):
         super().__init__()
         _check_timm_kwargs(type(self).__name__, kwargs)
-        common = dict(grad_through_weights=grad_through_weights, eps=eps, momentum=momentum, device=device, dtype=dtype)
+        common = dict(
+            grad_through_weights=grad_through_weights,
+            weighting=weighting,
+            eps=eps,
+            momentum=momentum,
+            device=device,
+            dtype=dtype,
+        )
         self.channel = NAMChannel(channels, **common)
         self.spatial = NAMSpatial(channels, feat_size=feat_size, **common)
 

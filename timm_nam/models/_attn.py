@@ -20,6 +20,7 @@ __all__ = [
     'create_block_attn',
     'create_stage_attn',
     'feat_size_at',
+    'nam_options',
     'norm_before_attn',
 ]
 
@@ -27,9 +28,9 @@ __all__ = [
 # ones whose parameter counts equal the paper's Tables 1-2 (SE bias-free, CBAM's MLP with bias).
 # kind -> (description, factory(channels, feat_size, **factory_kwargs))
 _BLOCK_ATTN = {
-    'nam_ch': ('NAM channel attention (Eq. 2)', lambda c, fs, **dd: NAMChannel(c, **dd)),
-    'nam_sp': ('NAM spatial / pixel attention (Eq. 3)', lambda c, fs, **dd: NAMSpatial(c, feat_size=fs, **dd)),
-    'nam': ('NAM channel then spatial attention', lambda c, fs, **dd: NAM(c, feat_size=fs, **dd)),
+    'nam_ch': ('NAM channel attention (Eq. 2)', lambda c, fs, **kw: NAMChannel(c, **kw)),
+    'nam_sp': ('NAM spatial / pixel attention (Eq. 3)', lambda c, fs, **kw: NAMSpatial(c, feat_size=fs, **kw)),
+    'nam': ('NAM channel then spatial attention', lambda c, fs, **kw: NAM(c, feat_size=fs, **kw)),
     'se': (
         'Squeeze-and-Excitation, r=16, bias-free FCs (timm SEModule)',
         lambda c, fs, **dd: SEModule(c, rd_channels=max(c // 16, 1), bias=False, **dd),
@@ -53,9 +54,26 @@ def _factory(kind: str, table: dict, what: str):
     return table[kind][1]
 
 
-def create_block_attn(kind: str, channels: int, feat_size: Optional[Tuple[int, int]] = None, **dd) -> nn.Module:
-    """Build the attention of ``kind`` for a block with ``channels`` outputs of size ``feat_size``."""
-    return _factory(kind, _BLOCK_ATTN, 'block attention')(channels, feat_size, **_given(dd))
+def nam_options(weighting: str = 'sum', grad_through_weights: bool = False) -> dict:
+    """The NAM layer options a model passes to its gates (see `timm_nam.NAMChannel`); only non-defaults are kept, so
+    the baselines' layers never see them."""
+    options = {}
+    if weighting != 'sum':
+        options['weighting'] = weighting
+    if grad_through_weights:
+        options['grad_through_weights'] = True
+    return options
+
+
+def create_block_attn(
+    kind: str, channels: int, feat_size: Optional[Tuple[int, int]] = None, nam: Optional[dict] = None, **dd
+) -> nn.Module:
+    """Build the attention of ``kind`` for a block with ``channels`` outputs of size ``feat_size``; ``nam`` holds
+    NAM layer options (`nam_options`), which only NAM kinds accept."""
+    factory = _factory(kind, _BLOCK_ATTN, 'block attention')
+    if nam and not kind.startswith('nam'):
+        raise ValueError(f'NAM options {sorted(nam)} were given for block attention {kind!r}, which is not NAM')
+    return factory(channels, feat_size, **(nam or {}), **_given(dd))
 
 
 def norm_before_attn(norm: nn.Module, attn: Optional[nn.Module]) -> nn.Module:

@@ -28,7 +28,7 @@ from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedRes
 from timm.models._efficientnet_builder import decode_arch_def, resolve_act_layer, resolve_bn_args, round_channels
 from timm.models.efficientnet import EfficientNet
 
-from ._attn import create_block_attn, create_stage_attn, feat_size_at, norm_before_attn
+from ._attn import create_block_attn, create_stage_attn, feat_size_at, nam_options, norm_before_attn
 from ._builder import build_nam_model, reparameterize_nam
 from ._cfg import nam_cfg
 
@@ -50,6 +50,7 @@ class AttnEfficientNet(EfficientNet):
         block_attn: attention after every block's projection BN, a key of ``BLOCK_ATTN_KINDS`` or None.
         stage_attn: attention appended to every stage ('bam') or None.
         img_size: input size the spatial attention is built for.
+        nam_weighting, nam_grad_through_weights: options of the NAM gates (see `AttnResNet`).
         Other args: timm's `EfficientNet`.
     """
 
@@ -59,6 +60,8 @@ class AttnEfficientNet(EfficientNet):
         block_attn: Optional[str] = None,
         stage_attn: Optional[str] = None,
         img_size: Union[int, Tuple[int, int]] = 224,
+        nam_weighting: str = 'sum',
+        nam_grad_through_weights: bool = False,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -66,6 +69,9 @@ class AttnEfficientNet(EfficientNet):
         self.block_attn = block_attn
         self.stage_attn = stage_attn
         dd = dict(device=kwargs.get('device'), dtype=kwargs.get('dtype'))
+        nam = nam_options(nam_weighting, nam_grad_through_weights)
+        if nam and block_attn is None:
+            raise ValueError(f'NAM options {sorted(nam)} were given for a model without block attention')
         reduction = self.conv_stem.stride[0]
         for stage in self.blocks:
             for block in stage:
@@ -75,7 +81,7 @@ class AttnEfficientNet(EfficientNet):
                     if not isinstance(norm.act, nn.Identity):
                         raise ValueError(f'{type(block).__name__} has an activation after its projection norm')
                     feat_size = feat_size_at(self.img_size, reduction)
-                    norm.act = create_block_attn(block_attn, norm.num_features, feat_size=feat_size, **dd)
+                    norm.act = create_block_attn(block_attn, norm.num_features, feat_size=feat_size, nam=nam, **dd)
                     norm_before_attn(norm, norm.act)
             if stage_attn is not None:
                 stage.append(create_stage_attn(stage_attn, _projection_norm(stage[-1]).num_features, **dd))

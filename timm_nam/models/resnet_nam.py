@@ -22,16 +22,16 @@ from timm.layers import to_2tuple
 from timm.models import ResNet, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck
 
-from ._attn import create_block_attn, create_stage_attn, feat_size_at, norm_before_attn
+from ._attn import create_block_attn, create_stage_attn, feat_size_at, nam_options, norm_before_attn
 from ._builder import build_nam_model, reparameterize_nam
 from ._cfg import cifar_cfg, nam_cfg
 
 __all__ = ['AttnResNet']
 
 
-def _block_with_attn(block, kind: str, feat_size: Tuple[int, int]):
+def _block_with_attn(block, kind: str, feat_size: Tuple[int, int], nam: dict):
     """A per-stage block constructor whose ``attn_layer`` is ``kind`` built for ``feat_size``."""
-    attn_layer = partial(create_block_attn, kind, feat_size=feat_size)
+    attn_layer = partial(create_block_attn, kind, feat_size=feat_size, nam=nam)
     block_fn = partial(block, attn_layer=attn_layer)
     block_fn.expansion = block.expansion  # timm's make_blocks reads it
     return block_fn
@@ -48,6 +48,8 @@ class AttnResNet(ResNet):
         stage_attn_stages: 0-based stage indices that get ``stage_attn`` (BAM: after layer1-3).
         cifar_stem: 3x3 stride-1 stem conv and no max-pool (the CIFAR ResNets of the paper).
         img_size: input size the spatial attention is built for.
+        nam_weighting, nam_grad_through_weights: options of the NAM gates (`timm_nam.NAMChannel`'s ``weighting``
+            and ``grad_through_weights``), e.g. ``--model-kwargs nam_weighting=mean`` in timm's train.py.
         Other args: timm's `ResNet`.
     """
 
@@ -61,6 +63,8 @@ class AttnResNet(ResNet):
         cifar_stem: bool = False,
         img_size: Union[int, Tuple[int, int]] = 224,
         output_stride: int = 32,
+        nam_weighting: str = 'sum',
+        nam_grad_through_weights: bool = False,
         **kwargs,
     ):
         if cifar_stem and output_stride != 32:
@@ -68,12 +72,15 @@ class AttnResNet(ResNet):
         self.img_size = to_2tuple(img_size)
         self.block_attn = block_attn
         self.stage_attn = stage_attn
+        nam = nam_options(nam_weighting, nam_grad_through_weights)
+        if nam and block_attn is None:
+            raise ValueError(f'NAM options {sorted(nam)} were given for a model without block attention')
         num_stages = len(kwargs.get('channels', (64, 128, 256, 512)))
         if block_attn is not None:
             stem_reduction = 1 if cifar_stem else 4
             block = tuple(
                 _block_with_attn(
-                    block, block_attn, feat_size_at(self.img_size, min(stem_reduction * 2**i, output_stride))
+                    block, block_attn, feat_size_at(self.img_size, min(stem_reduction * 2**i, output_stride)), nam
                 )
                 for i in range(num_stages)
             )
