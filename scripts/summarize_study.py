@@ -1,10 +1,10 @@
 """Summarize ``results/imagenette_study/runs.csv``: mean ± std of top-1/top-5 per model, params, FLOPs, speed,
 NAM against every baseline of its family (difference of mean top-1, Welch 95 % CI and p-value, paired-by-seed
 p-value), a markdown table (summary.md), a plot (top1.png), and the same tables between the
-``<!-- study-table -->`` markers of README.md and MODEL_CARD.md, so the docs never quote numbers by hand.
+``<!-- study-table -->`` markers of MODEL_CARD.md, so the docs never quote numbers by hand.
 
     pip install -e ".[study]"      # scipy, for the t-tests
-    python scripts/summarize_study.py [--csv results/imagenette_study/runs.csv] [--docs README.md MODEL_CARD.md]
+    python scripts/summarize_study.py [--csv results/imagenette_study/runs.csv] [--docs MODEL_CARD.md]
 """
 
 import argparse
@@ -174,7 +174,7 @@ def main(argv=None):
     p.add_argument(
         '--docs',
         nargs='*',
-        default=['README.md', 'MODEL_CARD.md'],
+        default=['MODEL_CARD.md'],
         help='markdown files whose study-table block is rewritten (none: leave docs alone)',
     )
     args = p.parse_args(argv)
