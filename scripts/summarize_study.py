@@ -105,7 +105,8 @@ def paired_pvalue(rows_a, rows_b) -> str:
 
 
 def comparison_lines(groups) -> list:
-    """Every NAM model against every non-NAM model of the same family and recipe, on final top-1."""
+    """Every NAM model against every non-NAM model of the same family and recipe, and a NAM variant
+    ('model:kwargs') also against the model it varies, on final top-1."""
     lines = [
         '| family | NAM model | vs | Δ top-1 (NAM − other) | 95 % CI (Welch) | p (Welch t) | p (paired t, by seed) '
         '| seeds |',
@@ -117,7 +118,9 @@ def comparison_lines(groups) -> list:
             continue
         a = [float(r['top1']) for r in nam_rows]
         for (fam2, other, recipe2), other_rows in groups.items():
-            if fam2 != family or recipe2 != recipe or is_nam(other):
+            if fam2 != family or recipe2 != recipe or (is_nam(other) and other != nam.partition(':')[0]):
+                continue
+            if other == nam:
                 continue
             b = [float(r['top1']) for r in other_rows]
             diff = statistics.mean(a) - statistics.mean(b)

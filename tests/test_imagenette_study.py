@@ -54,3 +54,29 @@ def test_gpu_family_runs_only_when_named_and_only_on_a_gpu(study, monkeypatch, c
         study.main()
     assert "--family ['resnet50_cifar'] is sized for a GPU" in capsys.readouterr().err
     assert not (tmp_path / 'runs.csv').exists()
+
+
+def test_gpu_study_packs_decodes_and_trains_a_row_on_the_cpu(tmp_path):
+    """The GPU study's pipeline end to end at toy size on the CPU: pack, decode, augment, train, append a row."""
+    import csv
+
+    from tests.helpers import make_image_folder
+
+    gpu_study = load_script('gpu_study')
+    root = make_image_folder(tmp_path / 'data', classes=2, per_class=4, size=40)
+    shards = gpu_study.pack(root, tmp_path / 'data128.tar', shard_mb=0.05)
+    assert len(shards) > 1 and all(s.stat().st_size < 0.06e6 for s in shards)
+    data, num_classes = gpu_study.load(shards, torch.device('cpu'))
+    assert num_classes == 2 and data['train'][0].shape == (8, 3, 128, 128) and data['train'][0].dtype == torch.uint8
+    crops = gpu_study.augment(data['train'][0], torch.Generator().manual_seed(0))
+    assert crops.shape == (8, 3, 128, 128)
+    runs = tmp_path / 'runs.csv'
+    argv = ['run', *map(str, shards), '--csv', str(runs), '--device', 'cpu', '--epochs', '1', '--batch-size', '4']
+    sys.path.insert(0, str(Path(gpu_study.__file__).parent))
+    try:
+        gpu_study.main([*argv, '--families', 'resnet18', '--models', 'resnet18_nam:nam_weighting=mean', '--seeds', '0'])
+    finally:
+        sys.path.remove(str(Path(gpu_study.__file__).parent))
+    (row,) = list(csv.DictReader(open(runs)))
+    assert row['model'] == 'resnet18_nam:nam_weighting=mean' and row['family'] == 'resnet18_128'
+    assert 0 <= float(row['top1']) <= 100 and float(row['penalty_p']) == 1e-4

@@ -109,3 +109,24 @@ def test_speed_is_reported_per_kind_of_machine(summarize):
     ]
     assert summarize.speed_cell(rows) == '85 (CPU), 1600 (GPU)'
     assert summarize.speed_cell([dict(train_img_s=100)]) == '100'  # rows made before the device column
+
+
+def test_a_variant_is_compared_with_the_model_it_varies(summarize, tmp_path):
+    runs = tmp_path / 'runs.csv'
+    variant = 'mobilenetv2_100_nam:nam_weighting=mean'
+    write_runs(
+        runs,
+        {
+            'mobilenetv2_100': [40.0, 41.0, 42.0],
+            'mobilenetv2_100_nam': [44.0, 46.0, 45.0],
+            'mobilenetv2_100_nam_chsp': [43.0, 43.0, 43.0],
+            variant: [46.0, 48.0, 47.0],
+        },
+    )
+    summarize.main(['--csv', str(runs), '--docs'])
+    summary = (tmp_path / 'summary.md').read_text()
+    assert f'| mobilenetv2 | `{variant}` | `mobilenetv2_100_nam` | +2.00 |' in summary
+    assert f'| mobilenetv2 | `{variant}` | `mobilenetv2_100` | +6.00 |' in summary
+    # another NAM model is not a baseline: only the variant's own base is compared
+    assert f'`{variant}` | `mobilenetv2_100_nam_chsp`' not in summary
+    assert '| `mobilenetv2_100_nam` | `mobilenetv2_100_nam_chsp`' not in summary
