@@ -163,7 +163,15 @@ def pixel_batch_stats(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torc
 class _NAMGate(nn.Module):
     """What the channel and pixel gates share: a batch norm whose scale gives the importance weights."""
 
-    # subclasses set self.bn (a batch norm), self.grad_through_weights and self.weighting
+    # subclasses set self.bn (a batch norm)
+
+    def __init__(self, channels: int, grad_through_weights: bool, weighting: str, kwargs: dict):
+        super().__init__()
+        _check_timm_kwargs(type(self).__name__, kwargs)
+        _check_weighting(type(self).__name__, weighting)
+        self.channels = channels
+        self.grad_through_weights = grad_through_weights
+        self.weighting = weighting
 
     def weights(self) -> torch.Tensor:
         """The importance weights (`nam_weights`), constant for autograd unless ``grad_through_weights``."""
@@ -213,12 +221,7 @@ class NAMChannel(_NAMGate):
         dtype=None,
         **kwargs,
     ):
-        super().__init__()
-        _check_timm_kwargs(type(self).__name__, kwargs)
-        self.channels = channels
-        self.grad_through_weights = grad_through_weights
-        _check_weighting(type(self).__name__, weighting)
-        self.weighting = weighting
+        super().__init__(channels, grad_through_weights, weighting, kwargs)
         self.bn = nn.BatchNorm2d(channels, eps=eps, momentum=momentum, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -246,7 +249,7 @@ class NAMChannel(_NAMGate):
         batch norm's parameters and running statistics. `timm.utils.reparameterize_model` calls it."""
         bn = self.bn
         with torch.no_grad():
-            w = nam_weights(bn.weight, weighting=self.weighting)
+            w = self.weights()
             a, b = fold_gate(bn.weight * w, bn.bias * w, bn.running_mean, bn.running_var, bn.eps)
         return NAMGate(a.view(1, -1, 1, 1), b.view(1, -1, 1, 1), channels=self.channels)
 
@@ -281,18 +284,13 @@ class NAMSpatial(_NAMGate):
         dtype=None,
         **kwargs,
     ):
-        super().__init__()
-        _check_timm_kwargs(type(self).__name__, kwargs)
+        super().__init__(channels, grad_through_weights, weighting, kwargs)
         if feat_size is None:
             raise TypeError(
                 'NAMSpatial needs feat_size=(H, W): it has one scale per pixel position. Use '
                 'functools.partial(NAMSpatial, feat_size=...) or a named model such as resnet50_nam_sp.'
             )
-        self.channels = channels
         self.feat_size = tuple(to_2tuple(feat_size))
-        self.grad_through_weights = grad_through_weights
-        _check_weighting(type(self).__name__, weighting)
-        self.weighting = weighting
         num_pixels = self.feat_size[0] * self.feat_size[1]
         # The statistics are computed here (per pixel, over batch and channels); the norm module holds λ, β and the
         # running statistics with the authors' keys and shapes. It is a BatchNorm2d over H·W features (the authors'
@@ -347,7 +345,7 @@ class NAMSpatial(_NAMGate):
         bn = self.bn
         h, w_ = self.feat_size
         with torch.no_grad():
-            w = nam_weights(bn.weight, weighting=self.weighting)
+            w = self.weights()
             a, b = fold_gate(bn.weight * w, bn.bias * w, bn.running_mean, bn.running_var, bn.eps)
         return NAMGate(a.view(1, 1, h, w_), b.view(1, 1, h, w_), channels=self.channels, feat_size=self.feat_size)
 
