@@ -1,12 +1,14 @@
 """What does pruning NAM's least important channels cost? Zero a fraction of each NAM channel gate's output
-channels — those with the smallest |γ| (the paper's importance) or a random draw of the same size — and measure
-top-1 on the full validation split.
+channels — those with the smallest |γ| of the gate (the paper's importance), the smallest |γ| of the batch norm whose
+output the gate takes (network slimming's criterion, which the plain network has as well) or a random draw of the
+same size — and measure top-1 on the full validation split.
 
     python scripts/prune_eval.py DATA_ROOT RUN_DIR [RUN_DIR ...] [--fractions 0.1 0.3] [--draws 2] [--csv OUT.csv]
 
 Zeroing a gate's output channel removes that channel of the block's residual branch (what channel pruning of the
 branch's last convolution would remove). If |γ| ranks channels by importance, the smallest-|γ| rows cost less than
-the random ones. The unpruned row must reproduce the run's own final top-1 (printed side by side).
+the random ones; if it ranks them better than the network's own batch norm does, the gate adds information the
+block did not have. The unpruned row must reproduce the run's own final top-1 (printed side by side).
 """
 
 import argparse
@@ -28,21 +30,60 @@ from timm_nam.training.loop import evaluate
 FIELDS = ['run', 'order', 'fraction', 'draw', 'pruned_channels', 'total_channels', 'top1', 'top5']
 
 
+ORDERS = ('smallest', 'norm', 'random')
+
+
+def gated_norms(model: nn.Module, x: torch.Tensor) -> Dict[str, nn.Module]:
+    """For each NAM channel gate, the batch norm whose output it gates: the norm whose activation slot holds the gate
+    (MobileNetV2), or else the norm whose output tensor is the gate's input when ``x`` runs through (ResNet)."""
+    modules = dict(model.named_modules())
+    gates = {n: m for n, m in modules.items() if isinstance(m, NAMChannel)}
+    norms = {
+        n: m
+        for n, m in modules.items()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(n.startswith(g + '.') for g in gates)
+    }
+    found = {n: norms[n.rsplit('.', 1)[0]] for n in gates if n.endswith('.act') and n.rsplit('.', 1)[0] in norms}
+    inputs, outputs = {}, {}
+    handles = [m.register_forward_hook(lambda mod, i, o, n=n: inputs.__setitem__(n, i[0])) for n, m in gates.items()]
+    handles += [m.register_forward_hook(lambda mod, i, o, n=n: outputs.__setitem__(n, o)) for n, m in norms.items()]
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    finally:
+        for h in handles:
+            h.remove()
+    for g in gates:
+        if g not in found:
+            source = [n for n, out in outputs.items() if out is inputs.get(g)]
+            if not source:
+                raise ValueError(f'the input of NAM gate {g!r} is not the output of a batch norm')
+            found[g] = norms[source[0]]
+    return found
+
+
 def channel_masks(
-    model: nn.Module, fraction: float, order: str, generator: Optional[torch.Generator] = None
+    model: nn.Module,
+    fraction: float,
+    order: str,
+    generator: Optional[torch.Generator] = None,
+    norms: Optional[Dict[str, nn.Module]] = None,
 ) -> Dict[str, torch.Tensor]:
-    """Per NAM channel gate, a 0/1 mask over its channels with ``round(fraction·C)`` zeros: the smallest |γ|
-    (``order='smallest'``) or a random choice (``order='random'``, drawn from ``generator``)."""
+    """Per NAM channel gate, a 0/1 mask over its channels with ``round(fraction·C)`` zeros: the smallest |γ| of the
+    gate (``order='smallest'``), of the batch norm it gates (``order='norm'``, from ``norms``, see ``gated_norms``)
+    or a random choice (``order='random'``, drawn from ``generator``)."""
     if not 0 <= fraction <= 1:
         raise ValueError(f'fraction must be in [0, 1], got {fraction}')
-    if order not in ('smallest', 'random'):
-        raise ValueError(f"order must be 'smallest' or 'random', got {order!r}")
+    if order not in ORDERS:
+        raise ValueError(f'order must be one of {ORDERS}, got {order!r}')
+    if order == 'norm' and norms is None:
+        raise ValueError("order='norm' needs the gated norms (gated_norms(model, x))")
     masks = {}
     for name, m in model.named_modules():
         if isinstance(m, NAMChannel):
-            scale = m.bn.weight.detach().abs()
+            scale = (norms[name] if order == 'norm' else m.bn).weight.detach().abs()
             k = round(fraction * scale.numel())
-            idx = scale.argsort()[:k] if order == 'smallest' else torch.randperm(scale.numel(), generator=generator)[:k]
+            idx = torch.randperm(scale.numel(), generator=generator)[:k] if order == 'random' else scale.argsort()[:k]
             mask = torch.ones_like(scale)
             mask[idx] = 0
             masks[name] = mask
@@ -101,10 +142,12 @@ def main():
             print(row, flush=True)
             rows.append(row)
 
+        norms = gated_norms(model, torch.zeros(1, 3, cfg['recipe']['img_size'], cfg['recipe']['img_size']))
         measure('none', 0.0, '', {})
         print(f'{Path(run).name}: unpruned top-1 {rows[-1]["top1"]:.3f}, at the end of training {recorded:.3f}')
         for fraction in args.fractions:
             measure('smallest', fraction, '', channel_masks(model, fraction, 'smallest'))
+            measure('norm', fraction, '', channel_masks(model, fraction, 'norm', norms=norms))
             for draw in range(args.draws):
                 g = torch.Generator().manual_seed(draw)
                 measure('random', fraction, draw, channel_masks(model, fraction, 'random', g))

@@ -61,6 +61,30 @@ def test_smallest_masks_zero_the_smallest_scales():
         assert scale[mask == 0].max() <= scale[mask == 1].min()
 
 
+@pytest.mark.parametrize(
+    'name, norm_of',
+    [
+        ('resnet18_nam', lambda block_path: block_path.rsplit('.', 1)[0] + '.bn2'),  # se after bn2
+        ('mobilenetv2_nam', lambda gate_path: gate_path.rsplit('.', 1)[0]),  # bn3.act: the norm holding the gate
+    ],
+)
+def test_gated_norms_find_the_norm_before_each_gate(name, norm_of):
+    model = timm.create_model(name, num_classes=3)
+    modules = dict(model.named_modules())
+    norms = prune_eval.gated_norms(model, torch.zeros(1, 3, 32, 32))
+    gates = [n for n, m in modules.items() if isinstance(m, NAMChannel)]
+    assert sorted(norms) == sorted(gates)
+    assert all(norms[g] is modules[norm_of(g)] for g in gates)
+    with torch.no_grad():  # the norm's smallest scales last, the gate's first: 'norm' must follow the norm
+        for g in gates:
+            c = modules[g].bn.weight.numel()
+            modules[norm_of(g)].weight.copy_(torch.linspace(2, 1, c))
+            modules[g].bn.weight.copy_(torch.linspace(1, 2, c))
+    for mask in prune_eval.channel_masks(model, 0.25, 'norm', norms=norms).values():
+        k = round(0.25 * mask.numel())
+        assert torch.equal(mask[-k:], torch.zeros(k)) and bool(mask[:-k].all())
+
+
 def test_random_masks_follow_the_generator():
     model = _small_nam()
     draw = lambda seed: prune_eval.channel_masks(model, 0.5, 'random', torch.Generator().manual_seed(seed))  # noqa: E731
@@ -90,8 +114,10 @@ def test_mask_errors_name_the_problem():
     model = _small_nam()
     with pytest.raises(ValueError, match='fraction must be in'):
         prune_eval.channel_masks(model, 1.5, 'smallest')
-    with pytest.raises(ValueError, match="order must be 'smallest' or 'random'"):
+    with pytest.raises(ValueError, match='order must be one of'):
         prune_eval.channel_masks(model, 0.1, 'largest')
+    with pytest.raises(ValueError, match='needs the gated norms'):
+        prune_eval.channel_masks(model, 0.1, 'norm')
     with pytest.raises(ValueError, match='no NAM channel gates'):
         prune_eval.channel_masks(timm.create_model('resnet18', num_classes=3), 0.1, 'smallest')
 
