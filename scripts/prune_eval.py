@@ -4,11 +4,13 @@ output the gate takes (network slimming's criterion, which the plain network has
 same size — and measure top-1 on the full validation split.
 
     python scripts/prune_eval.py DATA_ROOT RUN_DIR [RUN_DIR ...] [--fractions 0.1 0.3] [--draws 2] [--csv OUT.csv]
+        [--layers-csv LAYERS.csv]
 
 Zeroing a gate's output channel removes that channel of the block's residual branch (what channel pruning of the
 branch's last convolution would remove). If |γ| ranks channels by importance, the smallest-|γ| rows cost less than
 the random ones; if it ranks them better than the network's own batch norm does, the gate adds information the
 block did not have. The unpruned row must reproduce the run's own final top-1 (printed side by side).
+``--layers-csv`` writes, per gate, its |γ| range, the gated norm's |γ| and how the two correlate.
 """
 
 import argparse
@@ -28,6 +30,17 @@ from timm_nam.training.data import build_datasets
 from timm_nam.training.loop import evaluate
 
 FIELDS = ['run', 'order', 'fraction', 'draw', 'pruned_channels', 'total_channels', 'top1', 'top5']
+LAYER_FIELDS = [
+    'run',
+    'layer',
+    'width',
+    'gamma_min',
+    'gamma_median',
+    'gamma_max',
+    'norm_gamma_median',
+    'norm_gamma_below_0.05',
+    'corr_gamma_norm_gamma',
+]
 
 
 ORDERS = ('smallest', 'norm', 'random')
@@ -60,6 +73,28 @@ def gated_norms(model: nn.Module, x: torch.Tensor) -> Dict[str, nn.Module]:
                 raise ValueError(f'the input of NAM gate {g!r} is not the output of a batch norm')
             found[g] = norms[source[0]]
     return found
+
+
+def layer_scales(run: str, model: nn.Module, norms: Dict[str, nn.Module]) -> list:
+    """Per NAM channel gate: its |γ| range, the gated norm's |γ| (median, share below 0.05) and their correlation."""
+    rows = []
+    for name, m in model.named_modules():
+        if isinstance(m, NAMChannel):
+            gamma, norm_gamma = m.bn.weight.detach().abs(), norms[name].weight.detach().abs()
+            rows.append(
+                {
+                    'run': run,
+                    'layer': name,
+                    'width': gamma.numel(),
+                    'gamma_min': round(gamma.min().item(), 5),
+                    'gamma_median': round(gamma.median().item(), 5),
+                    'gamma_max': round(gamma.max().item(), 5),
+                    'norm_gamma_median': round(norm_gamma.median().item(), 5),
+                    'norm_gamma_below_0.05': round((norm_gamma < 0.05).float().mean().item(), 4),
+                    'corr_gamma_norm_gamma': round(torch.corrcoef(torch.stack([gamma, norm_gamma]))[0, 1].item(), 3),
+                }
+            )
+    return rows
 
 
 def channel_masks(
@@ -116,8 +151,9 @@ def main():
     p.add_argument('--batch-size', type=int, default=256)
     p.add_argument('--workers', type=int, default=2)
     p.add_argument('--csv', type=Path)
+    p.add_argument('--layers-csv', type=Path)
     args = p.parse_args()
-    rows = []
+    rows, layer_rows = [], []
     for run in args.runs:
         model, _ = create_model_from_checkpoint(run)
         cfg = json.loads((Path(run) / 'args.json').read_text())
@@ -143,6 +179,7 @@ def main():
             rows.append(row)
 
         norms = gated_norms(model, torch.zeros(1, 3, cfg['recipe']['img_size'], cfg['recipe']['img_size']))
+        layer_rows += layer_scales(Path(run).name, model, norms)
         measure('none', 0.0, '', {})
         print(f'{Path(run).name}: unpruned top-1 {rows[-1]["top1"]:.3f}, at the end of training {recorded:.3f}')
         for fraction in args.fractions:
@@ -151,12 +188,13 @@ def main():
             for draw in range(args.draws):
                 g = torch.Generator().manual_seed(draw)
                 measure('random', fraction, draw, channel_masks(model, fraction, 'random', g))
-    if args.csv:
-        args.csv.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.csv, 'w', newline='') as f:
-            writer = csv.DictWriter(f, fieldnames=FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
+    for path, fields, content in [(args.csv, FIELDS, rows), (args.layers_csv, LAYER_FIELDS, layer_rows)]:
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, 'w', newline='') as f:
+                writer = csv.DictWriter(f, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows(content)
 
 
 if __name__ == '__main__':

@@ -83,6 +83,13 @@ def test_gated_norms_find_the_norm_before_each_gate(name, norm_of):
     for mask in prune_eval.channel_masks(model, 0.25, 'norm', norms=norms).values():
         k = round(0.25 * mask.numel())
         assert torch.equal(mask[-k:], torch.zeros(k)) and bool(mask[:-k].all())
+    rows = prune_eval.layer_scales('run', model, norms)
+    assert [r['layer'] for r in rows] == gates
+    for r in rows:
+        assert (r['gamma_min'], r['gamma_max']) == (1.0, 2.0)
+        assert 1.45 < r['norm_gamma_median'] <= 1.5  # linspace(2, 1, C): the middle value (the lower one for even C)
+        assert r['corr_gamma_norm_gamma'] == pytest.approx(-1.0, abs=1e-3)  # opposite orders
+        assert r['norm_gamma_below_0.05'] == 0.0
 
 
 def test_random_masks_follow_the_generator():
