@@ -13,23 +13,15 @@ import argparse
 
 import torch
 import torch.nn as nn
-from timm.optim import create_optimizer_v2
 
-from timm_nam.training.loop import create_lr_scheduler
+from timm_nam.training.loop import create_lr_scheduler, create_optimizer
 from timm_nam.training.recipes import Recipe, get_recipe
 
 
 def penalty_only_scale(recipe: Recipe, steps_per_epoch: int, p: float) -> float:
     """γ after ``recipe`` when its only gradient is the penalty's p·sign(γ), starting from 1."""
     holder = nn.BatchNorm1d(1)  # a norm weight, so the optimizer applies the recipe's weight-decay rule for γ
-    optimizer = create_optimizer_v2(
-        holder,
-        opt=recipe.opt,
-        lr=recipe.lr,
-        weight_decay=recipe.weight_decay,
-        momentum=recipe.momentum,
-        filter_bias_and_bn=recipe.filter_bias_and_bn,
-    )
+    optimizer = create_optimizer(holder, recipe)
     scheduler, num_epochs = create_lr_scheduler(optimizer, recipe, steps_per_epoch)
     gamma, step = holder.weight, 0
     for epoch in range(num_epochs):

@@ -201,6 +201,18 @@ def _write_metrics(out: Path, rows: List[dict]) -> None:
     os.replace(out / 'metrics.csv.tmp', out / 'metrics.csv')
 
 
+def create_optimizer(model: nn.Module, recipe: Recipe):
+    """timm's optimizer for ``recipe`` (norm weights and biases without weight decay unless the recipe says so)."""
+    return create_optimizer_v2(
+        model,
+        opt=recipe.opt,
+        lr=recipe.lr,
+        weight_decay=recipe.weight_decay,
+        momentum=recipe.momentum,
+        filter_bias_and_bn=recipe.filter_bias_and_bn,
+    )
+
+
 def create_lr_scheduler(optimizer, recipe: Recipe, steps_per_epoch: int):
     """timm's scheduler for ``recipe``; the loop calls ``step_update`` after every optimizer step and ``step`` after
     every epoch, and the scheduler acts on whichever ``recipe.sched_on_updates`` selects."""
@@ -301,14 +313,7 @@ def _setup(cfg: TrainConfig) -> _Run:
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
 
-    optimizer = create_optimizer_v2(
-        model,
-        opt=recipe.opt,
-        lr=recipe.lr,
-        weight_decay=recipe.weight_decay,
-        momentum=recipe.momentum,
-        filter_bias_and_bn=recipe.filter_bias_and_bn,
-    )
+    optimizer = create_optimizer(model, recipe)
     sampler = GlobalBatchSampler(len(train_set), recipe.batch_size, recipe.seed, rank, world_size, cfg.grad_accum_steps)
     steps_per_epoch = sampler.steps if cfg.limit_train_steps is None else min(sampler.steps, cfg.limit_train_steps)
     scheduler, num_epochs = create_lr_scheduler(optimizer, recipe, steps_per_epoch)
