@@ -3,12 +3,14 @@
     python scripts/gpu_study.py pack <imagenette2-224> data128/imagenette128.tar   # 128-px JPEGs: 2 shards, 99 MB
     python scripts/gpu_study.py run data128/imagenette128_*.tar [--models ...] [--seeds ...]
 
-``run`` decodes the packed JPEGs on the GPU once (``torchvision.io.decode_jpeg``), keeps the uint8 images there,
-and trains every (model, seed) not yet in the CSV: random crop (padding 16) and flip on the GPU, bf16 autocast,
-channels-last, SGD with momentum and a cosine schedule stepped per update after a one-epoch warmup, label
-smoothing 0.1, the paper's sparsity penalty on NAM models (`timm_nam.NAMSparsityLoss`). Rows are appended to the
-study's CSV (family ``imagenette128``) after each run, so a call that runs out of time loses one run at most; the
-summary script groups them by their recipe string. ``--deadline`` stops starting runs after that many seconds.
+``run`` decodes the packed JPEGs on the GPU once (``torchvision.io.decode_jpeg``), keeps the uint8 images there, and
+trains every (model, seed) not yet in the CSV: random crop (padding 16) and flip on the GPU, bf16 autocast,
+channels-last, the training loop's optimizer and scheduler for the ``imagenet`` recipe (SGD with Nesterov momentum, no
+weight decay on norms and biases, cosine schedule stepped per update after a one-epoch warmup), label smoothing 0.1,
+the paper's sparsity penalty on NAM models (`timm_nam.NAMSparsityLoss`). Rows are appended to the study's CSV
+(families ``resnet18_128`` and ``mobilenetv2_128``) after each run, so a call that runs out of time loses one run at
+most; the summary script groups them by their recipe string. ``--deadline`` stops starting runs after that many
+seconds.
 
 On a remote GPU machine whose calls carry at most 64 MiB each: pack into ``data128/`` (ignored by git) here; the
 first call carries shard 0 and only starts the machine, the second carries shard 1 and runs
@@ -24,7 +26,6 @@ slower kernels. MobileNetV2's depthwise convolutions are slower per FLOP than Re
 import argparse
 import csv
 import io
-import math
 import tarfile
 import time
 from pathlib import Path
@@ -75,7 +76,7 @@ def load(tar_paths, device: torch.device):
     """{'train': (uint8 images N,3,H,W on device, labels), 'val': ...} from the packed shards, decoded on the device."""
     from torchvision.io import decode_jpeg
 
-    data, names = {'train': ([], []), 'val': ([], [])}, []
+    data = {'train': ([], []), 'val': ([], [])}
     for tar_path in tar_paths:
         with tarfile.open(tar_path) as tar:
             for member in tar.getmembers():
@@ -83,8 +84,7 @@ def load(tar_paths, device: torch.device):
                 raw = torch.frombuffer(bytearray(tar.extractfile(member).read()), dtype=torch.uint8)
                 data[split][0].append(raw)
                 data[split][1].append(cls)
-                names.append(cls)
-    classes = {cls: i for i, cls in enumerate(sorted(set(names)))}
+    classes = {cls: i for i, cls in enumerate(sorted(set(data['train'][1] + data['val'][1])))}
     data = {split: (raws, [classes[c] for c in labels]) for split, (raws, labels) in data.items()}
     out = {}
     for split, (raws, labels) in data.items():
@@ -122,35 +122,35 @@ def train_one(spec: str, family: str, seed: int, data, num_classes: int, args) -
 
     import timm_nam
     from timm_nam.penalty import resolve_penalty
+    from timm_nam.training.loop import create_lr_scheduler, create_optimizer
+    from timm_nam.training.recipes import get_recipe
 
     name, kwargs = split_spec(spec)
     device = data['train'][0].device
     torch.manual_seed(seed)
     model = timm.create_model(name, num_classes=num_classes, **kwargs).to(device, memory_format=torch.channels_last)
     p = resolve_penalty(model)
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
-    loss_fn = timm_nam.NAMSparsityLoss(criterion, model, p) if p else criterion
-    decay = [q for q in model.parameters() if q.ndim > 1]
-    no_decay = [q for q in model.parameters() if q.ndim <= 1]
-    opt = torch.optim.SGD(
-        [dict(params=decay, weight_decay=args.weight_decay), dict(params=no_decay, weight_decay=0.0)],
+    recipe = get_recipe(
+        'imagenet',
         lr=LR[family],
-        momentum=0.9,
-        nesterov=True,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        weight_decay=args.weight_decay,
+        warmup_epochs=1,
+        sched_on_updates=True,
+        img_size=SIZE,
+        seed=seed,
     )
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=recipe.smoothing)
+    loss_fn = timm_nam.NAMSparsityLoss(criterion, model, p) if p else criterion
+    opt = create_optimizer(model, recipe)
     images, labels = data['train']
     steps_per_epoch = images.shape[0] // args.batch_size
-    total, warmup = steps_per_epoch * args.epochs, steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: (
-            (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(total - warmup, 1)))
-        ),
-    )
+    sched, _ = create_lr_scheduler(opt, recipe, steps_per_epoch)
     gen = torch.Generator(device=device).manual_seed(seed)
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda')
-    start = time.perf_counter()
-    for _ in range(args.epochs):
+    start, step = time.perf_counter(), 0
+    for epoch in range(args.epochs):
         model.train()
         order = torch.randperm(images.shape[0], generator=gen, device=device)
         for i in range(steps_per_epoch):
@@ -161,7 +161,9 @@ def train_one(spec: str, family: str, seed: int, data, num_classes: int, args) -
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sched.step()
+            step += 1
+            sched.step_update(step)
+        sched.step(epoch + 1)
     if device.type == 'cuda':
         torch.cuda.synchronize()
     minutes = (time.perf_counter() - start) / 60

@@ -27,8 +27,7 @@ def penalty_only_scale(recipe: Recipe, steps_per_epoch: int, p: float) -> float:
     for epoch in range(num_epochs):
         for _ in range(steps_per_epoch):
             optimizer.zero_grad()
-            gamma.grad = p * torch.sign(gamma.detach())
-            holder.bias.grad = torch.zeros_like(holder.bias)
+            gamma.grad = p * torch.sign(gamma.detach())  # the bias has no gradient, so the optimizer skips it
             optimizer.step()
             step += 1
             scheduler.step_update(step)
