@@ -70,6 +70,8 @@ FAMILIES = {  # a family's args are its whole recipe: the string that groups its
             'resnet18_se',
             'resnet18_cbam',
             'resnet18_nam',
+            'resnet18_half',  # the control: NAM's initial gate, constant
+            'resnet18_simam',  # NAM's parameter-free peer
             'resnet18_nam_sp',
             # NAM variants (opt-in layer options, see timm_nam.NAMChannel): a model name and its kwargs
             'resnet18_nam:nam_weighting=mean',

@@ -262,3 +262,34 @@ def test_mean_weighting_is_c_times_the_papers():
     torch.testing.assert_close(layer.weights().mean(), torch.tensor(1.0))
     with pytest.raises(ValueError, match="weighting must be 'sum'"):
         NAMChannel(4, weighting='max')
+
+
+def test_simam_is_the_authors_formula_float64():
+    """SimAM as the authors' ``simam_module`` computes it: n = H·W - 1, λ = 1e-4, + 0.5 inside the sigmoid."""
+    from timm_nam.layers import SimAM
+
+    x = torch.randn(3, 5, 6, 7, dtype=torch.float64) * 3 + 1
+    b, c, h, w = x.shape
+    d = (x - x.mean(dim=[2, 3], keepdim=True)).pow(2)
+    expected = x * torch.sigmoid(d / (4 * (d.sum(dim=[2, 3], keepdim=True) / (w * h - 1) + 1e-4)) + 0.5)
+    torch.testing.assert_close(SimAM(5)(x), expected, rtol=0, atol=1e-13)
+    assert sum(p.numel() for p in SimAM(5).parameters()) == 0
+
+
+def test_half_control_is_plain_resnet_with_each_branch_halved():
+    """resnet18_half computes plain ResNet-18 with every block's bn2 output times 0.5 (so, its affine halved)."""
+    torch.manual_seed(0)
+    plain = timm.create_model('resnet18', num_classes=5).double()
+    for m in plain.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):  # away from timm's zero-init, so every branch contributes
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0, 0.2)
+    half = timm.create_model('resnet18_half', num_classes=5).double()
+    half.load_state_dict(plain.state_dict())  # the same keys: the control adds no parameters or buffers
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    out = half(x)
+    for block in [b for s in (plain.layer1, plain.layer2, plain.layer3, plain.layer4) for b in s]:
+        block.bn2.weight.data *= 0.5
+        block.bn2.bias.data *= 0.5
+    torch.testing.assert_close(out, plain(x), rtol=1e-10, atol=1e-10)
+    assert sum(p.numel() for p in half.parameters()) == sum(p.numel() for p in plain.parameters())

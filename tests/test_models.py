@@ -36,6 +36,8 @@ def test_model_list():
         'resnet18_nam_sp',
         'resnet18_se',
         'resnet18_cbam',
+        'resnet18_simam',
+        'resnet18_half',
         'resnet34_nam',
         'resnet50_nam',
         'resnet101_nam',

@@ -7,7 +7,7 @@ this module stays light: the penalty, training and Hub helpers are imported on f
 from .layers import BAM, NAM, NAMChannel, NAMGate, NAMSpatial, TripletAttention, nam_weights
 from .models import AttnEfficientNet, AttnResNet
 
-__version__ = '0.1.1'
+__version__ = '0.2.0.dev0'
 
 _LAZY = {
     'NAMSparsityLoss': 'penalty',

@@ -11,7 +11,7 @@ import torch.nn as nn
 from timm.layers.cbam import CbamModule
 from timm.layers.squeeze_excite import SEModule
 
-from ..layers import BAM, NAM, NAMChannel, NAMSpatial, TripletAttention
+from ..layers import BAM, NAM, ConstantScale, NAMChannel, NAMSpatial, SimAM, TripletAttention
 from ..layers.nam_norm import for_nam
 
 __all__ = [
@@ -40,6 +40,11 @@ _BLOCK_ATTN = {
         lambda c, fs, **dd: CbamModule(c, rd_channels=max(c // 16, 1), mlp_bias=True, **dd),
     ),
     'tam': ('Triplet attention, k=7', lambda c, fs, **dd: TripletAttention(c, **dd)),
+    'simam': ('SimAM, parameter-free, lambda=1e-4', lambda c, fs, **dd: SimAM(c)),
+    'half': (
+        "constant 0.5: NAM's initial gate without the gate (a control)",
+        lambda c, fs, **dd: ConstantScale(c, 0.5),
+    ),
 }
 _STAGE_ATTN = {
     'bam': ('BAM, r=16, dilation 4', lambda c, **dd: BAM(c, **dd)),

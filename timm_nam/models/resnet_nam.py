@@ -5,7 +5,8 @@ drop-path and the residual add (Bottleneck: after bn3; BasicBlock: after bn2), i
 
 * ImageNet layout: ``resnet{18,34,50,101}_nam`` (channel NAM, the paper's best ResNet setting),
   ``resnet18_nam_sp``/``resnet50_nam_sp`` (spatial only) and ``resnet50_nam_chsp`` (channel then spatial);
-  ``resnet18_se``/``resnet18_cbam``: baselines with the paper's SE/CBAM settings.
+  ``resnet18_se``/``resnet18_cbam``: baselines with the paper's SE/CBAM settings; ``resnet18_simam``: SimAM, NAM's
+  parameter-free peer; ``resnet18_half``: the branch times a constant 0.5, the control for NAM's near-constant gate.
 * CIFAR layout for the paper's Table 1 (3x3 stride-1 stem, no max-pool, 32x32, 100 classes):
   ``resnet50_cifar`` and its ``_se``, ``_cbam``, ``_bam``, ``_tam``, ``_nam``, ``_nam_sp``,
   ``_nam_chsp`` variants.
@@ -128,6 +129,8 @@ default_cfgs = generate_default_cfgs(
         'resnet18_nam_sp': _rn_cfg(fixed=True),
         'resnet18_se': _rn_cfg(),
         'resnet18_cbam': _rn_cfg(),
+        'resnet18_simam': _rn_cfg(),
+        'resnet18_half': _rn_cfg(),
         'resnet34_nam': _rn_cfg(),
         'resnet50_nam': _rn_cfg(),
         'resnet101_nam': _rn_cfg(),
@@ -178,6 +181,19 @@ def resnet18_se(pretrained: bool = False, **kwargs) -> AttnResNet:
 def resnet18_cbam(pretrained: bool = False, **kwargs) -> AttnResNet:
     """ResNet-18 + CBAM (r=16, k=7) in every block: the NAM comparison's baseline, as in Table 1."""
     return _create('resnet18_cbam', pretrained, dict(_R18, block_attn='cbam'), **kwargs)
+
+
+@register_model
+def resnet18_simam(pretrained: bool = False, **kwargs) -> AttnResNet:
+    """ResNet-18 + SimAM (parameter-free) after bn2 of every BasicBlock, where NAM sits: NAM's closest peer."""
+    return _create('resnet18_simam', pretrained, dict(_R18, block_attn='simam'), **kwargs)
+
+
+@register_model
+def resnet18_half(pretrained: bool = False, **kwargs) -> AttnResNet:
+    """ResNet-18 whose residual branch is multiplied by 0.5 after bn2, where NAM sits (no parameters, no gate): the
+    control for NAM, whose gates start at 0.5 and stay near it."""
+    return _create('resnet18_half', pretrained, dict(_R18, block_attn='half'), **kwargs)
 
 
 @register_model
