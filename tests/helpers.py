@@ -89,3 +89,31 @@ def spatial_reference(bn: nn.Module, x: torch.Tensor, weighting: str = 'sum') ->
     y = y.reshape(n, h, w, c).permute(0, 3, 1, 2)
     lam = reference_weights(bn.weight, weighting)
     return torch.sigmoid(y * lam.view(1, 1, h, w)) * x
+
+
+def trained_like_(model: nn.Module, images: torch.Tensor, seed: int = 0) -> nn.Module:
+    """Give a randomly initialised plain network the batch-norm states of a trained one, in place: the last norm of
+    each residual block small and of either sign (where timm's zero-initialised last norms end up in training), the
+    others near 1, small shifts, and running statistics measured on ``images`` (train-mode passes, cumulative
+    averages), so that they describe the data as a trained network's do. Returns the model in eval mode."""
+    from timm_nam.models import nam_sites
+
+    g = torch.Generator().manual_seed(seed)
+    last = {id(model.get_submodule(s)) for s in nam_sites(model)}
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        raise ValueError(f'{type(model).__name__} has no batch norm')
+    with torch.no_grad():
+        for m in norms:
+            n = m.num_features
+            scale = torch.randn(n, generator=g) * 0.15 if id(m) in last else 0.7 + 0.6 * torch.rand(n, generator=g)
+            m.weight.copy_(scale)
+            m.bias.copy_(torch.randn(n, generator=g) * 0.05)
+            m.reset_running_stats()
+            m.momentum = None
+        model.train()
+        for batch in images.split(16):
+            model(batch)
+    for m in norms:
+        m.momentum = 0.1
+    return model.eval()

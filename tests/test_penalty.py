@@ -17,7 +17,6 @@ from timm_nam import NAMChannel, NAMSpatial
 from timm_nam.penalty import (
     PAPER_PENALTY,
     NAMSparsityLoss,
-    add_penalty_grad_,
     disable_penalty,
     enable_penalty,
     l1_penalty,
@@ -110,8 +109,32 @@ def test_loss_term_and_step_hook_are_the_same_gradient():
     model = TinyNAMNet()
     g_loss = _backward(model, NAMSparsityLoss(nn.CrossEntropyLoss(), model, P), x, y)
     _backward(model, nn.CrossEntropyLoss(), x, y)  # leaves the criterion-only gradients in .grad
-    add_penalty_grad_(nam_scales(model), P)
+    enable_penalty(model, P)
+    try:
+        torch.optim.SGD(model.parameters(), lr=0.0).step()  # the hook adds p·sign(γ) before the (empty) step
+    finally:
+        disable_penalty(model)
     torch.testing.assert_close(_grads(model), g_loss, rtol=0, atol=1e-7)
+
+
+def test_the_step_hook_goes_with_the_last_penalized_model():
+    """Once no model is penalized (disabled, or garbage), no optimizer step pays for the hook."""
+    import gc
+
+    from timm_nam import penalty
+
+    model, other = TinyNAMNet(), TinyNAMNet()
+    enable_penalty(model, P)
+    enable_penalty(other, P)
+    assert penalty._hook is not None
+    disable_penalty(model)
+    assert penalty._hook is not None  # other still trains with it
+    del other
+    gc.collect()
+    assert penalty._hook is None and not penalty._penalized
+    enable_penalty(model, P)
+    disable_penalty(model)
+    assert penalty._hook is None
 
 
 @pytest.mark.parametrize('setting', ['fp32', 'bf16_autocast', 'fp16_gradscaler', 'grad_accum', 'fp16_accum'])
@@ -308,9 +331,9 @@ def test_exact_under_ddp(use_hook):
 
 def test_public_names():
     import timm_nam
-    import timm_nam.backbone
+    import timm_nam.convert
 
     assert timm_nam.NAMSparsityLoss is NAMSparsityLoss
-    assert timm_nam.load_backbone_weights is timm_nam.backbone.load_backbone_weights
+    assert timm_nam.add_nam is timm_nam.convert.add_nam and timm_nam.load_plain_weights is not None
     with pytest.raises(AttributeError):
         timm_nam.no_such_name  # noqa: B018  (the attribute access is what is tested)

@@ -1,31 +1,29 @@
 """NAM's sparsity penalty (paper Eq. 4): ``p·Σ|γ| + p·Σ|λ|`` over NAM's own BN scales.
 
-One definition, two ways to apply it, both exact in every training setup (fp32, bf16 autocast, fp16 with
-GradScaler, gradient accumulation, DDP):
+`l1_penalty` is the one definition; two thin uses apply it, both exact in every training setup (fp32, bf16 autocast,
+fp16 with GradScaler, gradient accumulation, DDP):
 
-* `NAMSparsityLoss(criterion, model, p)`: adds the term to the loss, so it is scaled, unscaled,
-  inf-checked and divided by the accumulation steps together with everything else. For training loops
-  you write (and ``timm-nam train``).
-* `enable_penalty(model, p)` (or the model kwarg ``nam_penalty=p``): an optimizer step pre-hook adds the
-  term's gradient ``p·sign(γ)`` to every NAM scale just before ``optimizer.step()``. Step pre-hooks run
-  after GradScaler's unscale and are skipped on inf/NaN steps, and a step happens once per accumulation
-  cycle, after DDP's all-reduce. This is how timm's unmodified ``train.py`` gets the penalty:
-  ``--device-modules timm_nam --model-kwargs nam_penalty=1e-4``. (One difference from the loss term:
-  gradient clipping, which runs before the step, does not see the penalty gradient.)
+* `NAMSparsityLoss(criterion, model, p)` adds the term to the loss, so it is scaled, unscaled, inf-checked and divided
+  by the accumulation steps with everything else. For training loops you write.
+* `enable_penalty(model, p)` (or the model kwarg ``nam_penalty=p``) adds the term's gradient to the scales just
+  before every ``optimizer.step()`` that updates them: an optimizer step pre-hook, which runs after GradScaler's
+  unscale, is skipped on inf/NaN steps, and runs once per accumulation cycle, after DDP's all-reduce. This is how
+  timm's unmodified ``train.py`` gets the penalty (``--model-kwargs nam_penalty=1e-4``). Gradient clipping, which
+  runs before the step, does not see it. `disable_penalty`, or the model going away, removes the hook.
 
-Which p applies is decided in one place, `resolve_penalty` (``'paper'``, a number, the ``nam_penalty`` model kwarg).
-
-A tensor hook on γ would be wrong: under GradScaler it sees the scaled gradient, and it fires once per
-micro-batch. The authors' script never applied its penalty at all (it searched ``model._modules`` of a
-``DataParallel`` wrapper for ``layer1...``).
+A tensor hook on γ would be wrong: under GradScaler it sees the scaled gradient, and it fires once per micro-batch.
+The authors' script never applied its penalty at all (it searched ``model._modules`` of a ``DataParallel`` wrapper
+for ``layer1...``).
 """
 
 import math
+import weakref
 from typing import Callable, Iterable, List, Union
 
 import torch
 import torch.nn as nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .layers.nam import NAMChannel, NAMSpatial
 
@@ -36,7 +34,6 @@ __all__ = [
     'parse_penalty',
     'resolve_penalty',
     'l1_penalty',
-    'add_penalty_grad_',
     'NAMSparsityLoss',
     'enable_penalty',
     'disable_penalty',
@@ -44,54 +41,39 @@ __all__ = [
 
 # p of Eq. 4 used in the paper, by model family
 PAPER_PENALTY = {'resnet': 1e-4, 'mobilenet': 1e-3}
+PenaltyValue = Union[float, str, None]
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The trained model inside DDP / DataParallel / torch.compile wrappers."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, '_orig_mod'):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def _reject_ema(model: nn.Module) -> None:
+    """The trained model inside DDP / DataParallel / torch.compile wrappers; never its EMA copy."""
     if type(model).__name__.startswith('ModelEma'):
         raise TypeError(
             f'Got a {type(model).__name__}: the penalty belongs on the model being trained, not its EMA copy '
             '(the EMA weights receive no gradients).'
         )
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or hasattr(model, '_orig_mod'):
+        model = model.module if hasattr(model, 'module') else model._orig_mod
+    return model
 
 
 def nam_scales(model: nn.Module) -> List[nn.Parameter]:
     """The scales γ (channel) and λ (pixel) of every NAM layer in ``model``, each once; nothing else. A layer whose
     batch norm is frozen (timm's ``freeze_batch_norm_2d`` turns its scale into a buffer) has no scale to penalize."""
-    _reject_ema(model)
-    seen, scales = set(), []
+    scales = {}
     for module in _unwrap(model).modules():
-        if isinstance(module, (NAMChannel, NAMSpatial)):
-            scale = module.bn.weight
-            if isinstance(scale, nn.Parameter) and id(scale) not in seen:
-                seen.add(id(scale))
-                scales.append(scale)
-    return scales
+        if isinstance(module, (NAMChannel, NAMSpatial)) and isinstance(module.bn.weight, nn.Parameter):
+            scales[id(module.bn.weight)] = module.bn.weight
+    return list(scales.values())
 
 
 def paper_penalty(model: nn.Module) -> float:
     """The paper's p for ``model``'s family: 1e-4 for ResNets (CIFAR-100), 1e-3 for MobileNet-style nets."""
     model = _unwrap(model)
-    name = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or type(model).__name__
-    name = name.lower()
-    if 'resnet' in name:
-        return PAPER_PENALTY['resnet']
-    if 'mobilenet' in name or 'efficientnet' in name:
-        return PAPER_PENALTY['mobilenet']
+    name = ((getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or type(model).__name__).lower()
+    for family, keys in (('resnet', ('resnet',)), ('mobilenet', ('mobilenet', 'efficientnet'))):
+        if any(k in name for k in keys):
+            return PAPER_PENALTY[family]
     raise ValueError(f'No paper value of p for {name!r}; pass p explicitly.')
-
-
-PenaltyValue = Union[float, str, None]
 
 
 def parse_penalty(value: PenaltyValue) -> PenaltyValue:
@@ -111,10 +93,10 @@ def parse_penalty(value: PenaltyValue) -> PenaltyValue:
 def resolve_penalty(model: nn.Module, p: PenaltyValue = None, model_kwarg: PenaltyValue = None) -> float:
     """The p that ``model`` trains with: the one rule behind every way of asking for the penalty.
 
-    ``p`` is the value asked for directly (an argument, ``timm-nam train --nam-penalty``), ``model_kwarg`` the model
-    kwarg ``nam_penalty``; both name the same p, so when both are given they must agree. Neither given, or
-    ``'paper'``: the paper's value for the model's family, and 0 for a model without NAM layers (a baseline). An
-    explicit p > 0 for a model without NAM layers is an error: there is nothing it could apply to.
+    ``p`` is the value asked for directly, ``model_kwarg`` the model kwarg ``nam_penalty``; both name the same p, so
+    when both are given they must agree. Neither given, or ``'paper'``: the paper's value for the model's family, and
+    0 for a model without NAM layers (a baseline). An explicit p > 0 for a model without NAM layers is an error:
+    there is nothing it could apply to.
     """
     p, model_kwarg = parse_penalty(p), parse_penalty(model_kwarg)
     if p is not None and model_kwarg is not None and p != model_kwarg:
@@ -132,8 +114,8 @@ def _no_nam_layers(model: nn.Module) -> str:
 
 
 class _L1Penalty(torch.autograd.Function):
-    """``p · Σ|s|`` over a list of tensors with one multi-tensor kernel each way (``torch._foreach_*``), instead of
-    an abs, a sum and their backward per tensor: on a GPU the per-tensor kernels cost more than the arithmetic."""
+    """``p · Σ|s|`` over a list of tensors with one multi-tensor kernel each way (``torch._foreach_*``) instead of an
+    abs, a sum and their backward per tensor: on a GPU the per-tensor kernels cost more than the arithmetic."""
 
     @staticmethod
     def forward(ctx, p: float, *scales: torch.Tensor) -> torch.Tensor:
@@ -149,19 +131,9 @@ class _L1Penalty(torch.autograd.Function):
 
 
 def l1_penalty(scales: Iterable[torch.Tensor], p: float) -> torch.Tensor:
-    """``p · Σ|s|`` over all scales (a scalar tensor, differentiable)."""
+    """``p · Σ|s|`` over all scales: a differentiable scalar, the penalty of Eq. 4."""
     scales = list(scales)
-    if not scales:
-        return torch.zeros(())
-    return _L1Penalty.apply(p, *scales)
-
-
-@torch.no_grad()
-def add_penalty_grad_(scales: Iterable[torch.Tensor], p: float) -> None:
-    """Add ``∂(p·Σ|s|)/∂s = p·sign(s)`` to each scale's ``.grad`` (those with a gradient)."""
-    with_grad = [s for s in scales if s.grad is not None]
-    if with_grad and p:
-        torch._foreach_add_([s.grad for s in with_grad], torch._foreach_sign(with_grad), alpha=p)
+    return _L1Penalty.apply(p, *scales) if scales else torch.zeros(())
 
 
 class NAMSparsityLoss(nn.Module):
@@ -182,11 +154,8 @@ class NAMSparsityLoss(nn.Module):
             raise ValueError(_no_nam_layers(model))
         self.p = resolve_penalty(model, p)
 
-    def penalty(self) -> torch.Tensor:
-        return l1_penalty(self._scales, self.p)
-
     def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        penalty = self.penalty()
+        penalty = l1_penalty(self._scales, self.p)
         self.last_penalty = penalty.detach()  # for logging, without recomputing it
         return self.criterion(output, target) + penalty
 
@@ -194,39 +163,54 @@ class NAMSparsityLoss(nn.Module):
         return f'p={self.p}, num_scales={len(self._scales)}'
 
 
-# ---- optimizer step pre-hook: for training loops whose loss we cannot wrap (timm's train.py) ----
+# ---- at every optimizer step: for training loops whose loss we cannot wrap (timm's train.py) ----
 
-_PENALTY_ATTR = '_nam_penalty'
-_hook_handle = None
+_penalized = WeakIdKeyDictionary()  # scale -> p; a model that goes away takes its entries with it
+_hook = None
 
 
-def _step_pre_hook(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+@torch.no_grad()
+def _add_penalty_grads(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """Step pre-hook: add ``∂ l1_penalty / ∂s`` to the gradient of every penalized scale this optimizer updates."""
     by_p = {}
     for group in optimizer.param_groups:
         for param in group['params']:
-            p = getattr(param, _PENALTY_ATTR, None)
-            if p:
+            p = _penalized.get(param)
+            if p and param.grad is not None:
                 by_p.setdefault(p, []).append(param)
     for p, params in by_p.items():
-        add_penalty_grad_(params, p)
+        with torch.enable_grad():
+            grads = torch.autograd.grad(l1_penalty(params, p), params)
+        torch._foreach_add_([s.grad for s in params], grads)
 
 
 def enable_penalty(model: nn.Module, p: PenaltyValue = None) -> float:
-    """Apply the penalty to ``model``'s NAM scales at every ``optimizer.step()`` of any optimizer that holds
-    them. ``p=None`` or ``'paper'`` takes the paper's value (`resolve_penalty`). Returns p."""
-    global _hook_handle
+    """Apply the penalty to ``model``'s NAM scales at every ``optimizer.step()`` of any optimizer that holds them.
+    ``p=None`` or ``'paper'`` takes the paper's value (`resolve_penalty`). Returns p."""
+    global _hook
     scales = nam_scales(model)
     if not scales:
         raise ValueError(_no_nam_layers(model))
     p = resolve_penalty(model, p)
     for s in scales:
-        setattr(s, _PENALTY_ATTR, p)
-    if _hook_handle is None:
-        _hook_handle = register_optimizer_step_pre_hook(_step_pre_hook)
+        if s not in _penalized:
+            weakref.finalize(s, _remove_hook_if_unused)
+        _penalized[s] = p
+    if _hook is None:
+        _hook = register_optimizer_step_pre_hook(_add_penalty_grads)
     return p
 
 
 def disable_penalty(model: nn.Module) -> None:
+    """Stop `enable_penalty` for ``model``."""
     for s in nam_scales(model):
-        if hasattr(s, _PENALTY_ATTR):
-            delattr(s, _PENALTY_ATTR)
+        _penalized.pop(s, None)
+    _remove_hook_if_unused()
+
+
+def _remove_hook_if_unused() -> None:
+    """With no penalized scale left (disabled, or its model gone), the optimizer hook goes too."""
+    global _hook
+    if _hook is not None and not _penalized:
+        _hook.remove()
+        _hook = None

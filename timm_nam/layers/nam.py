@@ -3,20 +3,16 @@
 Paper: `NAM: Normalization-based Attention Module` - https://arxiv.org/abs/2111.12419
 Authors' code: https://github.com/Christian-lyc/NAM
 
-Channel attention (Eq. 2) and spatial "pixel normalization" attention (Eq. 3), and their
-sequential combination (channel then spatial, CBAM's order). Each gate is
+Channel attention (Eq. 2) and spatial "pixel normalization" attention (Eq. 3), and their sequential combination
+(channel then spatial, CBAM's order). Each gate is
 
     out = sigmoid(w * BN(x)) * x,    w = |scale| / sum(|scale|)
 
-where BN is a batch norm whose scale (gamma for channels, lambda for pixels) also carries the
-sparsity penalty of Eq. 4 (see `timm_nam.penalty`).
-
-Implementation note: ``w * BN(x) = BN'(x)`` where BN' is the same normalization with scale
-``w * gamma`` and shift ``w * beta``, with gradients identical to the plain formula. In eval mode that is one
-per-channel (per-pixel) affine ``a * x + b``; ``fuse()`` folds it into a `NAMGate` for inference. In eager
-training an autograd Function keeps one full-size tensor, or none after a NAM-aware norm (all in
-`timm_nam.layers.nam_functional`). The parameters and running statistics live in an ordinary ``bn`` submodule, so
-state dicts keep the authors' layout (``bn.weight``, ``bn.bias``, ``bn.running_mean``, ...).
+where BN is a batch norm whose scale (γ for channels, λ for pixels) also carries the sparsity penalty of Eq. 4
+(`timm_nam.penalty`). In training the forward is the authors' formula. In eval mode ``w * BN(x)`` is a per-channel
+(per-pixel) affine ``a * x + b``, so the gate runs as ``x * sigmoid(a * x + b)`` with the same numbers; ``fuse()``
+folds it into a `NAMGate` for inference. The memory-efficient training form, a batch norm and its gate as one
+module, is `timm_nam.layers.norm_nam`.
 """
 
 from typing import Optional, Tuple, Union
@@ -27,12 +23,11 @@ import torch.nn.functional as F
 from timm.layers import to_2tuple
 
 from ._compat import register_notrace_function
-from .nam_functional import channel_gate_train, eager_fast_path, fold_gate, folded_gate, nam_gate, pixel_gate_train
 
-__all__ = ['NAMChannel', 'NAMSpatial', 'NAM', 'NAMGate', 'nam_weights']
+__all__ = ['NAMChannel', 'NAMSpatial', 'NAM', 'NAMGate', 'nam_weights', 'folded_gate', 'affine']
 
-# Keyword arguments timm's model builders pass to attention / SE layers. NAM has no reduction MLP,
-# gate choice or activation, so these are accepted and ignored; anything else is a TypeError.
+# Keyword arguments timm's model builders pass to attention / SE layers. NAM has no reduction MLP, gate choice or
+# activation, so these are accepted and ignored; anything else is a TypeError.
 _TIMM_ATTN_KWARGS = frozenset(
     {
         'act_layer',
@@ -48,15 +43,17 @@ _TIMM_ATTN_KWARGS = frozenset(
         'se_ratio',
     }
 )
+NAM_WEIGHTINGS = ('sum', 'mean')
 
 
-def _check_timm_kwargs(layer_name: str, kwargs: dict) -> None:
+def _check_options(layer_name: str, weighting: str, kwargs: dict) -> None:
     unknown = sorted(set(kwargs) - _TIMM_ATTN_KWARGS)
     if unknown:
         raise TypeError(f'{layer_name} got unexpected keyword argument(s): {", ".join(unknown)}')
-
-
-NAM_WEIGHTINGS = ('sum', 'mean')
+    if weighting not in NAM_WEIGHTINGS:
+        raise ValueError(
+            f"{layer_name} weighting must be 'sum' (|γ|/Σ|γ|, the paper's) or 'mean' (|γ|/mean|γ|), got '{weighting}'"
+        )
 
 
 def nam_weights(scale: torch.Tensor, detach: bool = True, weighting: str = 'sum') -> torch.Tensor:
@@ -64,9 +61,9 @@ def nam_weights(scale: torch.Tensor, detach: bool = True, weighting: str = 'sum'
     ``|scale| / mean(|scale|)`` (``'mean'``: C times larger, so that the sigmoid's argument ``w·γ·x̂`` is of order 1
     instead of 1/C; the relative importances are the same).
 
-    ``detach=True`` reproduces the authors' code, which reads ``bn.weight.data``: no gradient flows
-    through the weights. If every scale is 0 the weights are defined as 0, so the gate is
-    sigmoid(0) = 0.5 (NAM's neutral, at-init value) instead of NaN (0/0 in the authors' code).
+    ``detach=True`` reproduces the authors' code, which reads ``bn.weight.data``: no gradient flows through the
+    weights. If every scale is 0 the weights are 0, so the gate is sigmoid(0) = 0.5 (NAM's neutral, at-init value)
+    instead of NaN (0/0 in the authors' code).
     """
     a = scale.abs()
     if detach:
@@ -75,13 +72,6 @@ def nam_weights(scale: torch.Tensor, detach: bool = True, weighting: str = 'sum'
     if weighting == 'mean':
         total = total / a.numel()
     return a / torch.where(total > 0, total, torch.ones_like(total))
-
-
-def _check_weighting(layer_name: str, weighting: str) -> None:
-    if weighting not in NAM_WEIGHTINGS:
-        raise ValueError(
-            f"{layer_name} weighting must be 'sum' (|γ|/Σ|γ|, the paper's) or 'mean' (|γ|/mean|γ|), got '{weighting}'"
-        )
 
 
 # Public names: torch.fx only auto-wraps (does not trace into) functions whose names lack a leading '_'.
@@ -103,111 +93,56 @@ def check_nam_feat_size(x: torch.Tensor, feat_size: Tuple[int, int], name: str) 
         )
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over processes; the gradient of every process's input is the sum of all processes' output gradients."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, process_group) -> torch.Tensor:
-        import torch.distributed as dist
-
-        ctx.process_group = process_group
-        out = x.clone()
-        dist.all_reduce(out, group=process_group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        import torch.distributed as dist
-
-        grad = grad.clone()
-        dist.all_reduce(grad, group=ctx.process_group)
-        return grad, None
+def affine(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a·x + b`` in ``x``'s dtype, ``a``, ``b`` per channel (C or (1, C, 1, 1) values) or per pixel ((1, 1, H, W)).
+    Per channel it runs as ATen's eval-mode batch norm with zero mean, unit variance and eps 0 (exact): one pass,
+    about twice as fast on a CPU as a broadcasting ``addcmul``."""
+    if a.dim() == 1 or (a.shape[2] == 1 and a.shape[3] == 1):
+        dtype = x.dtype if x.dtype == torch.float32 or x.dtype == torch.float64 else torch.float32
+        a, b = a.reshape(-1).to(dtype), b.reshape(-1).to(dtype)
+        return F.batch_norm(x, torch.zeros_like(a), torch.ones_like(a), a, b, False, 0.0, 0.0)
+    return torch.addcmul(b.to(x.dtype), x, a.to(x.dtype))
 
 
-def synced_world_size(process_group) -> int:
-    """Processes a SyncBatchNorm syncs over (1 when torch.distributed is not running)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return 1
-    return dist.get_world_size(process_group)
-
-
-def synced_pixel_batch_stats(x: torch.Tensor, process_group) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`pixel_batch_stats` over the batches of every process in ``process_group``, differentiable (the backward
-    all-reduces too, as SyncBatchNorm's does)."""
-    xs = x.flatten(2)
-    if xs.dtype == torch.float16 or xs.dtype == torch.bfloat16:
-        xs = xs.float()
-    count = torch.full_like(xs[0, 0, :1], xs.shape[0] * xs.shape[1])
-    sums = _AllReduceSum.apply(torch.cat([xs.sum(dim=(0, 1)), xs.square().sum(dim=(0, 1)), count]), process_group)
-    hw = xs.shape[2]
-    n = sums[-1]
-    mean = sums[:hw] / n
-    var = (sums[hw : 2 * hw] / n - mean.square()).clamp(min=0)
-    return mean, var, var * (n / (n - 1).clamp(min=1))
+@register_notrace_function  # FX records the call; the in-place fast path runs on real tensors
+def folded_gate(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``x · sigmoid(a·x + b)``: three element-wise passes; without autograd the output reuses the affine's buffer."""
+    s = affine(x, a, b).sigmoid_()  # the affine's backward does not need its output
+    if torch.is_grad_enabled() and (x.requires_grad or s.requires_grad):
+        return x * s
+    return s.mul_(x)
 
 
-@register_notrace_function
-def pixel_batch_stats(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-pixel mean, biased and unbiased variance over batch and channels, in at least fp32: the
-    statistics of ``BatchNorm1d(H*W)`` applied to ``x`` reshaped to (N, H*W, C)."""
-    xs = x.flatten(2)
-    if xs.dtype == torch.float16 or xs.dtype == torch.bfloat16:
-        xs = xs.float()
-    var, mean = torch.var_mean(xs, dim=(0, 1), unbiased=False)
-    n = xs.shape[0] * xs.shape[1]
-    return mean, var, var * (n / max(n - 1, 1))
+def _fold(
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    eps: float,
+    w: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode ``w·BN(x) = a·x + b``: per-feature ``a``, ``b`` from a norm's parameters and running statistics."""
+    assert running_mean is not None and running_var is not None
+    a = w * weight * torch.rsqrt(running_var + eps)
+    return a, w * bias - running_mean * a
 
 
-class _NAMGate(nn.Module):
-    """What the channel and pixel gates share: a batch norm whose scale gives the importance weights."""
-
-    # subclasses set self.bn (a batch norm)
-
-    def __init__(self, channels: int, grad_through_weights: bool, weighting: str, kwargs: dict):
-        super().__init__()
-        _check_timm_kwargs(type(self).__name__, kwargs)
-        _check_weighting(type(self).__name__, weighting)
-        self.channels = channels
-        self.grad_through_weights = grad_through_weights
-        self.weighting = weighting
-
-    def weights(self) -> torch.Tensor:
-        """The importance weights (`nam_weights`), constant for autograd unless ``grad_through_weights``."""
-        return nam_weights(self.bn.weight, detach=not self.grad_through_weights, weighting=self.weighting)
-
-    def _uses_batch_stats(self) -> bool:
-        """Training with a live batch norm. A norm frozen by timm's ``freeze_batch_norm_2d`` (a
-        ``FrozenBatchNorm2d``, which has no batch counter) always uses its running statistics, as a frozen norm does."""
-        return self.training and hasattr(self.bn, 'num_batches_tracked')
-
-    def _count_batch(self) -> float:
-        """Count a training batch and return the running-average factor, as nn.BatchNorm does."""
-        num_batches_tracked = self.bn.num_batches_tracked
-        assert num_batches_tracked is not None
-        num_batches_tracked.add_(1)
-        momentum = self.bn.momentum
-        return 1.0 / float(num_batches_tracked) if momentum is None else float(momentum)
-
-
-class NAMChannel(_NAMGate):
+class NAMChannel(nn.Module):
     """NAM channel attention (paper Eq. 2): ``sigmoid(|γ|/Σ|γ| · BN(x)) · x``.
 
-    ``BN`` is a plain affine ``BatchNorm2d(channels)`` (γ init 1, β init 0): batch statistics in
-    training, running statistics in eval, exactly as the authors' ``Channel_Att``. At init every
-    weight is 1/C, so the module starts as a gate of about 0.5.
+    ``BN`` is a plain affine ``BatchNorm2d(channels)`` (γ init 1, β init 0): batch statistics in training, running
+    statistics in eval, exactly as the authors' ``Channel_Att``. At init every weight is 1/C, so the module starts as a
+    gate of about 0.5. Its state dict keeps the authors' layout (``bn.weight``, ``bn.running_mean``, ...).
 
     Args:
         channels: number of input channels C.
-        grad_through_weights: if False (default, as the authors' code) the weighting ``|γ|/Σ|γ|`` is
-            a constant for autograd and γ is trained only through BN's own ``γ·x̂ + β``; if True the
-            gradient also flows through the weighting.
+        grad_through_weights: if False (default, as the authors' code) the weighting is a constant for autograd and
+            γ is trained only through BN's own ``γ·x̂ + β``; if True the gradient also flows through the weighting.
         weighting: 'sum' (default, the paper's ``|γ|/Σ|γ|``) or 'mean' (``|γ|/mean|γ|``, see `nam_weights`).
         eps, momentum: the batch norm's.
         device, dtype: factory kwargs.
-        **kwargs: timm's attention-layer keywords (``act_layer``, ``rd_ratio``, ...) are accepted so the
-            layer drops into ``attn_layer=`` / ``se_layer=`` slots; NAM has no MLP, so they are ignored.
+        **kwargs: timm's attention-layer keywords (``act_layer``, ``rd_ratio``, ...) are accepted so the layer drops
+            into ``attn_layer=`` / ``se_layer=`` slots; NAM has no MLP, so they are ignored.
     """
 
     def __init__(
@@ -221,50 +156,48 @@ class NAMChannel(_NAMGate):
         dtype=None,
         **kwargs,
     ):
-        super().__init__(channels, grad_through_weights, weighting, kwargs)
+        super().__init__()
+        _check_options(type(self).__name__, weighting, kwargs)
+        self.channels = channels
+        self.weighting = weighting
+        self.grad_through_weights = grad_through_weights
         self.bn = nn.BatchNorm2d(channels, eps=eps, momentum=momentum, device=device, dtype=dtype)
+
+    def weights(self) -> torch.Tensor:
+        """The importance weights (`nam_weights`), constant for autograd unless ``grad_through_weights``."""
+        return nam_weights(self.bn.weight, detach=not self.grad_through_weights, weighting=self.weighting)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_nam_input(x, self.channels, 'NAMChannel')
+        if self.training:  # the authors' formula; a frozen or synced norm does its own thing here
+            return x * torch.sigmoid(self.bn(x) * self.weights().view(1, -1, 1, 1).to(x.dtype))
+        a, b = self.fold()
+        return folded_gate(x, a, b)
+
+    def fold(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The eval-mode gate's coefficients: ``w·BN(x) = a·x + b``, ``a``, ``b`` of shape (1, C, 1, 1)."""
         bn = self.bn
-        w = self.weights()
-        if not torch.jit.is_scripting():
-            if isinstance(bn, nn.SyncBatchNorm):
-                # converted by convert_sync_batchnorm (train.py --sync-bn): let it sync its statistics
-                return nam_gate(x, bn(x) * w.view(1, -1, 1, 1))
-        if not self._uses_batch_stats():
-            a, b = fold_gate(bn.weight * w, bn.bias * w, bn.running_mean, bn.running_var, bn.eps)
-            return folded_gate(x, a.view(1, -1, 1, 1), b.view(1, -1, 1, 1))
-        factor = self._count_batch()
-        if not torch.jit.is_scripting():
-            if eager_fast_path(x):
-                return channel_gate_train(
-                    x, bn.weight * w, bn.bias * w, bn.running_mean, bn.running_var, factor, bn.eps
-                )
-        y = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight * w, bn.bias * w, True, factor, bn.eps)
-        return nam_gate(x, y)
+        a, b = _fold(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, self.weights())
+        return a.view(1, -1, 1, 1), b.view(1, -1, 1, 1)
 
     def fuse(self) -> 'NAMGate':
-        """This gate in its inference form: ``x · sigmoid(a·x + b)`` with per-channel ``a, b`` folded from the
-        batch norm's parameters and running statistics. `timm.utils.reparameterize_model` calls it."""
-        bn = self.bn
+        """This gate in its inference form, ``x · sigmoid(a·x + b)``; `timm.utils.reparameterize_model` calls it."""
         with torch.no_grad():
-            w = self.weights()
-            a, b = fold_gate(bn.weight * w, bn.bias * w, bn.running_mean, bn.running_var, bn.eps)
-        return NAMGate(a.view(1, -1, 1, 1), b.view(1, -1, 1, 1), channels=self.channels)
+            a, b = self.fold()
+        return NAMGate(a, b, channels=self.channels)
 
     def extra_repr(self) -> str:
-        return f'channels={self.channels}, grad_through_weights={self.grad_through_weights}, weighting={self.weighting}'
+        return f'channels={self.channels}, weighting={self.weighting}, grad_through_weights={self.grad_through_weights}'
 
 
-class NAMSpatial(_NAMGate):
+class NAMSpatial(nn.Module):
     """NAM spatial attention, "pixel normalization" (paper Eq. 3): ``sigmoid(|λ|/Σ|λ| · BN_s(x)) · x``.
 
-    ``BN_s`` normalizes each of the H·W pixel positions with statistics over the batch *and* the
-    channels and has one scale λ and shift β per pixel: the authors' deleted version applied
-    ``BatchNorm1d(H·W)`` to ``x`` reshaped to (N, H·W, C). Parameters and running statistics are kept
-    in a batch norm over H·W features (``bn``, same state), so λ has H·W entries and the layer only works at the feature
-    size it was built for; another size raises a ValueError naming both sizes.
+    ``BN_s`` normalizes each of the H·W pixel positions with statistics over the batch *and* the channels and has one
+    scale λ and shift β per pixel: the authors' deleted version applied ``BatchNorm1d(H·W)`` to ``x`` reshaped to
+    (N, H·W, C). Here that is a ``BatchNorm2d(H·W)`` applied to ``x`` viewed as (N, H·W, C, 1): the same
+    normalization and state, and a norm that timm's batch-norm utilities (freezing, sync-BN) convert. λ has H·W
+    entries, so the layer only works at the feature size it was built for; another size raises a ValueError.
 
     Args:
         channels: number of input channels C (checked at run time).
@@ -284,82 +217,56 @@ class NAMSpatial(_NAMGate):
         dtype=None,
         **kwargs,
     ):
-        super().__init__(channels, grad_through_weights, weighting, kwargs)
+        super().__init__()
+        _check_options(type(self).__name__, weighting, kwargs)
         if feat_size is None:
             raise TypeError(
                 'NAMSpatial needs feat_size=(H, W): it has one scale per pixel position. Use '
                 'functools.partial(NAMSpatial, feat_size=...) or a named model such as resnet50_nam_sp.'
             )
+        self.channels = channels
         self.feat_size = tuple(to_2tuple(feat_size))
-        num_pixels = self.feat_size[0] * self.feat_size[1]
-        # The statistics are computed here (per pixel, over batch and channels); the norm module holds λ, β and the
-        # running statistics with the authors' keys and shapes. It is a BatchNorm2d over H·W features (the authors'
-        # BatchNorm1d(H·W) has the same state) so that timm's freeze_batch_norm_2d and the sync-BN converters see it.
-        self.bn = nn.BatchNorm2d(num_pixels, eps=eps, momentum=momentum, device=device, dtype=dtype)
+        self.weighting = weighting
+        self.grad_through_weights = grad_through_weights
+        h, w = self.feat_size
+        self.bn = nn.BatchNorm2d(h * w, eps=eps, momentum=momentum, device=device, dtype=dtype)
+
+    def weights(self) -> torch.Tensor:
+        return nam_weights(self.bn.weight, detach=not self.grad_through_weights, weighting=self.weighting)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_nam_input(x, self.channels, 'NAMSpatial')
         check_nam_feat_size(x, self.feat_size, 'NAMSpatial')
-        bn = self.bn
-        h, w_ = self.feat_size
-        w = self.weights()
-        running_mean, running_var = bn.running_mean, bn.running_var
-        assert running_mean is not None and running_var is not None
-        if not self._uses_batch_stats():
-            a, b = fold_gate(bn.weight * w, bn.bias * w, running_mean, running_var, bn.eps)
-            return folded_gate(x, a.view(1, 1, h, w_), b.view(1, 1, h, w_))
-        if not torch.jit.is_scripting():
-            if isinstance(bn, nn.SyncBatchNorm) and synced_world_size(bn.process_group) > 1:
-                # converted by convert_sync_batchnorm: statistics over the global batch, gradients through them
-                mean, var, var_unbiased = synced_pixel_batch_stats(x, bn.process_group)
-                with torch.no_grad():
-                    self._update_running_stats(mean, var_unbiased)
-                return nam_gate(x, self._pixel_affine(x, w, mean, var))
-            if eager_fast_path(x):
-                with torch.no_grad():
-                    mean, var, var_unbiased = pixel_batch_stats(x)
-                    self._update_running_stats(mean, var_unbiased)
-                return pixel_gate_train(x, bn.weight * w, bn.bias * w, mean, var, bn.eps)
-        mean, var, var_unbiased = pixel_batch_stats(x)
-        with torch.no_grad():
-            self._update_running_stats(mean, var_unbiased)
-        return nam_gate(x, self._pixel_affine(x, w, mean, var))
+        if self.training:
+            pixels = x.flatten(2).transpose(1, 2).unsqueeze(-1)  # (N, H·W, C, 1): one norm feature per pixel
+            z = self.bn(pixels) * self.weights().view(1, -1, 1, 1).to(x.dtype)
+            return x * torch.sigmoid(z.squeeze(-1).transpose(1, 2).reshape(x.shape))
+        a, b = self.fold()
+        return folded_gate(x, a, b)
 
-    def _pixel_affine(self, x: torch.Tensor, w: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-        """``w * BN_s(x)`` with batch statistics, as one per-pixel affine ``a * x + b``."""
+    def fold(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The eval-mode gate's per-pixel coefficients, of shape (1, 1, H, W) (see `NAMChannel.fold`)."""
         bn = self.bn
-        h, w_ = self.feat_size
-        a = w * bn.weight * torch.rsqrt(var + bn.eps)
-        b = w * bn.bias - mean * a
-        return torch.addcmul(b.to(x.dtype).view(1, 1, h, w_), x, a.to(x.dtype).view(1, 1, h, w_))
-
-    def _update_running_stats(self, mean: torch.Tensor, var_unbiased: torch.Tensor) -> None:
-        running_mean, running_var = self.bn.running_mean, self.bn.running_var
-        assert running_mean is not None and running_var is not None
-        factor = self._count_batch()
-        running_mean.lerp_(mean.to(running_mean.dtype), factor)
-        running_var.lerp_(var_unbiased.to(running_var.dtype), factor)
+        a, b = _fold(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, self.weights())
+        return a.view(1, 1, self.feat_size[0], self.feat_size[1]), b.view(1, 1, self.feat_size[0], self.feat_size[1])
 
     def fuse(self) -> 'NAMGate':
         """This gate in its inference form, with per-pixel ``a, b`` (see `NAMChannel.fuse`)."""
-        bn = self.bn
-        h, w_ = self.feat_size
         with torch.no_grad():
-            w = self.weights()
-            a, b = fold_gate(bn.weight * w, bn.bias * w, bn.running_mean, bn.running_var, bn.eps)
-        return NAMGate(a.view(1, 1, h, w_), b.view(1, 1, h, w_), channels=self.channels, feat_size=self.feat_size)
+            a, b = self.fold()
+        return NAMGate(a, b, channels=self.channels, feat_size=self.feat_size)
 
     def extra_repr(self) -> str:
         return (
-            f'channels={self.channels}, feat_size={self.feat_size}, '
-            f'grad_through_weights={self.grad_through_weights}, weighting={self.weighting}'
+            f'channels={self.channels}, feat_size={self.feat_size}, weighting={self.weighting}, '
+            f'grad_through_weights={self.grad_through_weights}'
         )
 
 
 class NAM(nn.Module):
     """NAM with channel then spatial attention, in sequence (the paper adopts CBAM's integration).
 
-    Args are those of `NAMSpatial`; both submodules share ``grad_through_weights``, ``weighting``, ``eps`` and
+    Args are those of `NAMSpatial`; both gates share ``grad_through_weights``, ``weighting``, ``eps`` and
     ``momentum``.
     """
 
@@ -376,17 +283,10 @@ class NAM(nn.Module):
         **kwargs,
     ):
         super().__init__()
-        _check_timm_kwargs(type(self).__name__, kwargs)
-        common = dict(
-            grad_through_weights=grad_through_weights,
-            weighting=weighting,
-            eps=eps,
-            momentum=momentum,
-            device=device,
-            dtype=dtype,
-        )
-        self.channel = NAMChannel(channels, **common)
-        self.spatial = NAMSpatial(channels, feat_size=feat_size, **common)
+        _check_options(type(self).__name__, weighting, kwargs)
+        common = dict(weighting=weighting, grad_through_weights=grad_through_weights, eps=eps, momentum=momentum)
+        self.channel = NAMChannel(channels, **common, device=device, dtype=dtype)
+        self.spatial = NAMSpatial(channels, feat_size=feat_size, **common, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.spatial(self.channel(x))
@@ -400,18 +300,12 @@ class NAMGate(nn.Module):
     """A NAM gate folded for inference: ``x · sigmoid(a·x + b)``.
 
     Made by ``fuse()`` of `NAMChannel` / `NAMSpatial` (or `timm.utils.reparameterize_model`), which fold the
-    importance weights, the batch norm's parameters and its running statistics into per-channel (shape
-    (1, C, 1, 1)) or per-pixel (shape (1, 1, H, W)) coefficients. It equals the eval-mode layer it came from and
-    has no training behaviour: batch statistics are gone.
+    importance weights, the batch norm's parameters and its running statistics into per-channel (shape (1, C, 1, 1))
+    or per-pixel (shape (1, 1, H, W)) coefficients. It equals the eval-mode layer it came from and has no training
+    behaviour: batch statistics are gone.
     """
 
-    def __init__(
-        self,
-        a: torch.Tensor,
-        b: torch.Tensor,
-        channels: int,
-        feat_size: Optional[Tuple[int, int]] = None,
-    ):
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, channels: int, feat_size: Optional[Tuple[int, int]] = None):
         super().__init__()
         if a.dim() != 4 or a.shape != b.shape:
             raise ValueError(

@@ -1,12 +1,30 @@
 """What every timm-nam entrypoint does around timm's ``build_model_with_cfg``."""
 
+import math
+from typing import Tuple
+
 from timm.layers import to_2tuple
 from timm.models import build_model_with_cfg
 from timm.models._builder import load_pretrained, resolve_pretrained_cfg
 
-from ._attn import feat_size_at
+__all__ = ['build_nam_model', 'reparameterize_nam', 'feat_size_at']
 
-__all__ = ['build_nam_model', 'reparameterize_nam']
+
+def feat_size_at(img_size: Tuple[int, int], reduction: int) -> Tuple[int, int]:
+    """Feature map size after ``log2(reduction)`` stride-2 convs/pools with 'same'-style padding (kernel k, padding
+    k//2), each of which maps h to ceil(h / 2)."""
+    h, w = img_size
+    while reduction > 1:
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+        reduction //= 2
+    return h, w
+
+
+def _from_plain_weights(state_dict, model):
+    """timm's ``pretrained_filter_fn``: plain weights converted for the NAM model, NAM weights unchanged."""
+    from ..convert import plain_to_nam_state_dict
+
+    return plain_to_nam_state_dict(state_dict, model)
 
 
 def build_nam_model(model_cls, variant: str, pretrained: bool, **kwargs):
@@ -18,8 +36,9 @@ def build_nam_model(model_cls, variant: str, pretrained: bool, **kwargs):
       `timm_nam.penalty.resolve_penalty`), applied at every ``optimizer.step()`` (`timm_nam.penalty.enable_penalty`).
       This is how timm's train.py trains with the penalty: ``--model-kwargs nam_penalty=1e-4``.
 
-    Under ``pretrained=True`` an error while loading the weights says which weights; any other error (a bad kwarg)
-    is raised as it is.
+    Pretrained weights load through timm's loader; plain weights (the ``plain_*`` tags: timm's own ImageNet weights)
+    are converted for NAM on the way (`timm_nam.convert`). An error while loading them says which weights; any other
+    error (a bad kwarg) is raised as it is.
     """
     nam_penalty = kwargs.pop('nam_penalty', None)
     cfg = resolve_pretrained_cfg(
@@ -38,7 +57,7 @@ def build_nam_model(model_cls, variant: str, pretrained: bool, **kwargs):
     if cfg.fixed_input_size and kwargs.get('img_size') is None:
         kwargs['img_size'] = tuple(cfg.input_size[-2:])
     try:
-        model = build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
+        model = build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=_from_plain_weights, **kwargs)
     except Exception as e:
         if not (pretrained and _raised_while_loading(e)):
             raise  # a bad kwarg is the caller's error, not the weights'

@@ -23,28 +23,22 @@ from timm.layers import to_2tuple
 from timm.models import ResNet, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck
 
-from ._attn import create_block_attn, create_stage_attn, feat_size_at, nam_options, norm_before_attn
+from ._attn import BLOCK_ATTN_KINDS, create_block_attn, create_stage_attn, nam_options
 from ._builder import build_nam_model, reparameterize_nam
-from ._cfg import cifar_cfg, nam_cfg
+from ._cfg import cifar_cfg, nam_cfg, plain_weights_cfgs
+from ._placement import NAM_KINDS, insert_nam
 
 __all__ = ['AttnResNet']
 
 
-def _block_with_attn(block, kind: str, feat_size: Tuple[int, int], nam: dict):
-    """A per-stage block constructor whose ``attn_layer`` is ``kind`` built for ``feat_size``."""
-    attn_layer = partial(create_block_attn, kind, feat_size=feat_size, nam=nam)
-    block_fn = partial(block, attn_layer=attn_layer)
-    block_fn.expansion = block.expansion  # timm's make_blocks reads it
-    return block_fn
-
-
 class AttnResNet(ResNet):
-    """timm's ResNet with a named attention in every block and/or after stages, optionally with a
+    """timm's ResNet with NAM or a named baseline attention in every block and/or after stages, optionally with a
     CIFAR stem. Everything else (blocks, init, features, heads, checkpointing) is timm's.
 
     Args:
-        block_attn: attention in every block, a key of ``BLOCK_ATTN_KINDS`` ('nam_ch', 'nam_sp', 'nam',
-            'se', 'cbam', 'tam') or None.
+        block_attn: attention in every block: a NAM kind ('nam', 'nam_sp', 'nam_chsp', placed after the block's last
+            norm by `timm_nam.models._placement`), a baseline of ``BLOCK_ATTN_KINDS`` (timm's attention slot, the
+            same position) or None.
         stage_attn: attention appended to stages ``stage_attn_stages`` ('bam') or None.
         stage_attn_stages: 0-based stage indices that get ``stage_attn`` (BAM: after layer1-3).
         cifar_stem: 3x3 stride-1 stem conv and no max-pool (the CIFAR ResNets of the paper).
@@ -70,21 +64,14 @@ class AttnResNet(ResNet):
     ):
         if cifar_stem and output_stride != 32:
             raise ValueError(f'cifar_stem models support output_stride=32 only, got {output_stride}')
+        nam = nam_options(block_attn, nam_weighting, nam_grad_through_weights)
         self.img_size = to_2tuple(img_size)
         self.block_attn = block_attn
         self.stage_attn = stage_attn
-        nam = nam_options(nam_weighting, nam_grad_through_weights)
-        if nam and block_attn is None:
-            raise ValueError(f'NAM options {sorted(nam)} were given for a model without block attention')
-        num_stages = len(kwargs.get('channels', (64, 128, 256, 512)))
-        if block_attn is not None:
-            stem_reduction = 1 if cifar_stem else 4
-            block = tuple(
-                _block_with_attn(
-                    block, block_attn, feat_size_at(self.img_size, min(stem_reduction * 2**i, output_stride)), nam
-                )
-                for i in range(num_stages)
-            )
+        if block_attn in BLOCK_ATTN_KINDS:
+            expansion = block.expansion
+            block = partial(block, attn_layer=partial(create_block_attn, block_attn))
+            block.expansion = expansion  # timm's make_blocks reads it
         super().__init__(block, layers, output_stride=output_stride, **kwargs)
         dd = dict(device=kwargs.get('device'), dtype=kwargs.get('dtype'))
         if cifar_stem:
@@ -95,9 +82,8 @@ class AttnResNet(ResNet):
             self.maxpool = nn.Identity()
             for info in self.feature_info:
                 info['reduction'] = max(info['reduction'] // 4, 1)
-        for i in range(num_stages):
-            for block in getattr(self, f'layer{i + 1}'):
-                norm_before_attn(block.bn3 if isinstance(block, Bottleneck) else block.bn2, block.se)
+        if block_attn in NAM_KINDS:
+            insert_nam(self, block_attn, img_size=self.img_size, **nam)
         if stage_attn is not None:
             for i in stage_attn_stages:
                 stage = getattr(self, f'layer{i + 1}')
@@ -121,30 +107,43 @@ def _rn_cifar_cfg(fixed: bool = False, **kwargs):
     return cifar_cfg('conv1', 'fc', fixed_input_size=fixed, **kwargs)
 
 
-# A trained tag joins these cfgs when its weights are published (hub_configs/README.md; where it goes: see
-# efficientnet_nam.py); the untagged cfgs are the ImageNet-shaped architectures, without weights.
+# The untagged cfgs are the ImageNet-shaped architectures; each NAM model whose plain network has timm ImageNet weights
+# also gets those weights, converted, as its default tag (plain_<tag>). A NAM-trained tag joins these cfgs when its
+# weights are published (hub_configs/README.md).
+_PLAIN_WEIGHTS = {
+    'resnet18_nam': 'resnet18.a1_in1k',
+    'resnet18_nam_sp': 'resnet18.a1_in1k',
+    'resnet34_nam': 'resnet34.a1_in1k',
+    'resnet50_nam': 'resnet50.a1_in1k',
+    'resnet50_nam_sp': 'resnet50.a1_in1k',
+    'resnet50_nam_chsp': 'resnet50.a1_in1k',
+    'resnet101_nam': 'resnet101.a1h_in1k',
+}
 default_cfgs = generate_default_cfgs(
-    {
-        'resnet18_nam': _rn_cfg(),
-        'resnet18_nam_sp': _rn_cfg(fixed=True),
-        'resnet18_se': _rn_cfg(),
-        'resnet18_cbam': _rn_cfg(),
-        'resnet18_simam': _rn_cfg(),
-        'resnet18_half': _rn_cfg(),
-        'resnet34_nam': _rn_cfg(),
-        'resnet50_nam': _rn_cfg(),
-        'resnet101_nam': _rn_cfg(),
-        'resnet50_nam_sp': _rn_cfg(fixed=True),
-        'resnet50_nam_chsp': _rn_cfg(fixed=True),
-        'resnet50_cifar': _rn_cifar_cfg(),
-        'resnet50_cifar_se': _rn_cifar_cfg(),
-        'resnet50_cifar_cbam': _rn_cifar_cfg(),
-        'resnet50_cifar_bam': _rn_cifar_cfg(),
-        'resnet50_cifar_tam': _rn_cifar_cfg(),
-        'resnet50_cifar_nam': _rn_cifar_cfg(),
-        'resnet50_cifar_nam_sp': _rn_cifar_cfg(fixed=True),
-        'resnet50_cifar_nam_chsp': _rn_cifar_cfg(fixed=True),
-    }
+    plain_weights_cfgs(
+        {
+            'resnet18_nam': _rn_cfg(),
+            'resnet18_nam_sp': _rn_cfg(fixed=True),
+            'resnet18_se': _rn_cfg(),
+            'resnet18_cbam': _rn_cfg(),
+            'resnet18_simam': _rn_cfg(),
+            'resnet18_half': _rn_cfg(),
+            'resnet34_nam': _rn_cfg(),
+            'resnet50_nam': _rn_cfg(),
+            'resnet101_nam': _rn_cfg(),
+            'resnet50_nam_sp': _rn_cfg(fixed=True),
+            'resnet50_nam_chsp': _rn_cfg(fixed=True),
+            'resnet50_cifar': _rn_cifar_cfg(),
+            'resnet50_cifar_se': _rn_cifar_cfg(),
+            'resnet50_cifar_cbam': _rn_cifar_cfg(),
+            'resnet50_cifar_bam': _rn_cifar_cfg(),
+            'resnet50_cifar_tam': _rn_cifar_cfg(),
+            'resnet50_cifar_nam': _rn_cifar_cfg(),
+            'resnet50_cifar_nam_sp': _rn_cifar_cfg(fixed=True),
+            'resnet50_cifar_nam_chsp': _rn_cifar_cfg(fixed=True),
+        },
+        _PLAIN_WEIGHTS,
+    )
 )
 
 _R18 = dict(block=BasicBlock, layers=(2, 2, 2, 2))
@@ -162,7 +161,7 @@ def _create(variant: str, pretrained: bool, arch: dict, **kwargs) -> AttnResNet:
 @register_model
 def resnet18_nam(pretrained: bool = False, **kwargs) -> AttnResNet:
     """ResNet-18 with channel NAM after bn2 of every BasicBlock."""
-    return _create('resnet18_nam', pretrained, dict(_R18, block_attn='nam_ch'), **kwargs)
+    return _create('resnet18_nam', pretrained, dict(_R18, block_attn='nam'), **kwargs)
 
 
 @register_model
@@ -199,19 +198,19 @@ def resnet18_half(pretrained: bool = False, **kwargs) -> AttnResNet:
 @register_model
 def resnet34_nam(pretrained: bool = False, **kwargs) -> AttnResNet:
     """ResNet-34 with channel NAM after bn2 of every BasicBlock."""
-    return _create('resnet34_nam', pretrained, dict(_R34, block_attn='nam_ch'), **kwargs)
+    return _create('resnet34_nam', pretrained, dict(_R34, block_attn='nam'), **kwargs)
 
 
 @register_model
 def resnet50_nam(pretrained: bool = False, **kwargs) -> AttnResNet:
     """ResNet-50 with channel NAM after bn3 of every Bottleneck (the paper's best ResNet setting)."""
-    return _create('resnet50_nam', pretrained, dict(_R50, block_attn='nam_ch'), **kwargs)
+    return _create('resnet50_nam', pretrained, dict(_R50, block_attn='nam'), **kwargs)
 
 
 @register_model
 def resnet101_nam(pretrained: bool = False, **kwargs) -> AttnResNet:
     """ResNet-101 with channel NAM after bn3 of every Bottleneck."""
-    return _create('resnet101_nam', pretrained, dict(_R101, block_attn='nam_ch'), **kwargs)
+    return _create('resnet101_nam', pretrained, dict(_R101, block_attn='nam'), **kwargs)
 
 
 @register_model
@@ -223,7 +222,7 @@ def resnet50_nam_sp(pretrained: bool = False, **kwargs) -> AttnResNet:
 @register_model
 def resnet50_nam_chsp(pretrained: bool = False, **kwargs) -> AttnResNet:
     """ResNet-50 with channel then spatial NAM in every block; built for one input size."""
-    return _create('resnet50_nam_chsp', pretrained, dict(_R50, block_attn='nam'), **kwargs)
+    return _create('resnet50_nam_chsp', pretrained, dict(_R50, block_attn='nam_chsp'), **kwargs)
 
 
 @register_model
@@ -259,7 +258,7 @@ def resnet50_cifar_tam(pretrained: bool = False, **kwargs) -> AttnResNet:
 @register_model
 def resnet50_cifar_nam(pretrained: bool = False, **kwargs) -> AttnResNet:
     """CIFAR ResNet-50 + channel NAM in every block (paper Table 1, NAM(ch))."""
-    return _create('resnet50_cifar_nam', pretrained, dict(_R50_CIFAR, block_attn='nam_ch'), **kwargs)
+    return _create('resnet50_cifar_nam', pretrained, dict(_R50_CIFAR, block_attn='nam'), **kwargs)
 
 
 @register_model
@@ -271,4 +270,4 @@ def resnet50_cifar_nam_sp(pretrained: bool = False, **kwargs) -> AttnResNet:
 @register_model
 def resnet50_cifar_nam_chsp(pretrained: bool = False, **kwargs) -> AttnResNet:
     """CIFAR ResNet-50 + channel then spatial NAM in every block; 32x32 only."""
-    return _create('resnet50_cifar_nam_chsp', pretrained, dict(_R50_CIFAR, block_attn='nam'), **kwargs)
+    return _create('resnet50_cifar_nam_chsp', pretrained, dict(_R50_CIFAR, block_attn='nam_chsp'), **kwargs)

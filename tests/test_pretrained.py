@@ -1,0 +1,333 @@
+"""Pretrained NAM networks from timm's plain weights: the conversion, ``pretrained=True`` through timm's own loader
+(offline, from a Hugging Face cache laid out as timm's plain repository), and `add_nam` on timm's families.
+
+The plain networks are random, with non-trivial batch-norm states (`trained_like_`). The bounds are the ones
+results/pretrained_conversion/ documents for these states: ResNets 5e-3, the inverted-residual and other families
+3e-2, spatial forms at their 224-px size 5e-2 (relative L2 difference of the logits, eval mode)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+
+import timm_nam
+from tests.helpers import trained_like_
+from timm_nam import NAMChannel, NAMSpatial, add_nam, load_plain_weights
+from timm_nam.convert import SCALE_INIT, plain_to_nam_state_dict
+from timm_nam.layers import NormNAM
+from timm_nam.models import nam_sites
+from timm_nam.models._cfg import PLAIN_TAG_PREFIX
+
+IMAGES = torch.randn(40, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+X, CALIBRATION = IMAGES[:8], IMAGES[8:]
+RESNET_BOUND, OTHER_BOUND, SPATIAL_BOUND = 5e-3, 3e-2, 5e-2
+REVISION = 'b' * 40
+
+
+def _plain(arch: str, size: int = 64, **kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    images = CALIBRATION if size == 64 else torch.randn(32, 3, size, size, generator=torch.Generator().manual_seed(1))
+    return trained_like_(timm.create_model(arch, **kwargs), images)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / a.norm()).item()
+
+
+def _plain_source(name: str) -> str:
+    """The timm weights a NAM model's default tag converts: 'resnet50.a1_in1k'."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    return cfg.hf_hub_id.split('/', 1)[1]
+
+
+PLAIN_TAGGED = sorted(
+    n
+    for n in timm.list_models(module=['resnet_nam', 'mobilenetv2_nam', 'efficientnet_nam'])
+    if (timm.models.get_pretrained_cfg(n).tag or '').startswith(PLAIN_TAG_PREFIX)
+)
+
+
+def test_every_nam_model_with_timm_weights_has_them_as_its_default_tag():
+    assert PLAIN_TAGGED == sorted(
+        [
+            'resnet18_nam',
+            'resnet18_nam_sp',
+            'resnet34_nam',
+            'resnet50_nam',
+            'resnet50_nam_sp',
+            'resnet50_nam_chsp',
+            'resnet101_nam',
+            'mobilenetv2_nam',
+            'mobilenetv2_050_nam',
+            'mobilenetv2_100_nam',
+            'mobilenetv2_140_nam',
+            'mobilenetv2_050_nam_chsp',
+            'mobilenetv2_100_nam_chsp',
+            'mobilenetv2_140_nam_chsp',
+            'efficientnet_b0_nam',
+        ]
+    )
+    for name in PLAIN_TAGGED:
+        cfg = timm.models.get_pretrained_cfg(name).to_dict()
+        plain = timm.models.get_pretrained_cfg(_plain_source(name)).to_dict()
+        assert cfg['tag'] == PLAIN_TAG_PREFIX + plain['tag'] and cfg['hf_hub_id'] == plain['hf_hub_id']
+        for key in ('input_size', 'crop_pct', 'interpolation', 'mean', 'std', 'license', 'num_classes'):
+            assert cfg[key] == plain[key], (name, key)
+        # a model built for one input size (pixel attention) has no other test size
+        assert cfg.get('test_input_size') == (None if cfg['fixed_input_size'] else plain.get('test_input_size'))
+        assert cfg['first_conv'] == plain['first_conv'] and cfg['classifier'] == plain['classifier']
+        assert f"timm's plain {_plain_source(name)} ImageNet weights, not NAM-trained" in cfg['notes']
+    # baselines and CIFAR models have no weights: no tags
+    assert not [n for n in timm.list_pretrained(['resnet18_se*', 'resnet50_cifar*', 'mobilenetv2_100_se*'])]
+
+
+def _hf_cache(root, repo: str, state: dict):
+    """huggingface_hub's cache layout for ``repo`` holding ``state`` as model.safetensors."""
+    repo_dir = root / ('models--' + repo.replace('/', '--'))
+    snap = repo_dir / 'snapshots' / REVISION
+    snap.mkdir(parents=True)
+    (repo_dir / 'refs').mkdir()
+    (repo_dir / 'refs' / 'main').write_text(REVISION)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(snap / 'model.safetensors'))
+
+
+def _offline(code: str, cache) -> dict:
+    env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'HF_HUB_CACHE': str(cache), 'HF_HOME': str(cache.parent / 'home')}
+    proc = subprocess.run(
+        [sys.executable, '-c', textwrap.dedent(code)], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+CASES = [('resnet34_nam', 64, RESNET_BOUND), ('mobilenetv2_050_nam', 64, OTHER_BOUND)]
+CASES += [('efficientnet_b0_nam', 64, OTHER_BOUND), ('resnet18_nam_sp', 224, SPATIAL_BOUND)]
+
+
+def test_pretrained_true_loads_timms_plain_repo_and_matches_the_plain_network(tmp_path):
+    """``timm.create_model(name, pretrained=True)`` reads timm's plain repository through timm's own Hub loader and
+    computes what the plain network does; ``num_classes=``, ``features_only=True`` and a weights file given by
+    ``pretrained_cfg_overlay`` work on the same weights."""
+    cache, expected, plains = tmp_path / 'cache', {}, {}
+    for name, size, _ in sorted(CASES, key=lambda case: -case[1]):  # one plain network per repository
+        source = _plain_source(name)
+        if source not in plains:
+            plains[source] = _plain(source.split('.')[0], size)
+            _hf_cache(cache, f'timm/{source}', plains[source].state_dict())
+        save_file(plains[source].state_dict(), str(tmp_path / f'{name}.safetensors'))
+        x = X if size == 64 else torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2))
+        torch.save(x, tmp_path / f'{name}.x.pt')
+        with torch.no_grad():
+            expected[name] = plains[source](x)
+    outs = _offline(
+        f"""
+        import json, torch, timm
+        outs = {{}}
+        for name in {[n for n, _, _ in CASES]!r}:
+            x = torch.load({str(tmp_path)!r} + f'/{{name}}.x.pt', weights_only=True)
+            model = timm.create_model(name, pretrained=True).eval()
+            head = timm.create_model(name, pretrained=True, num_classes=10).eval()
+            features = timm.create_model(name, pretrained=True, features_only=True).eval()
+            file = {str(tmp_path)!r} + f'/{{name}}.safetensors'
+            from_file = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=file)).eval()
+            with torch.no_grad():
+                logits = model(x)
+                outs[name] = dict(
+                    logits=logits.tolist(),
+                    tag=model.pretrained_cfg['tag'],
+                    head=list(head(x).shape),
+                    same_features=bool(torch.equal(head.forward_features(x), model.forward_features(x))),
+                    last_feature=bool(torch.equal(features(x)[-1], model.forward_features(x))),
+                    from_file=bool(torch.equal(from_file(x), logits)),
+                )
+        print(json.dumps(outs))
+        """,
+        cache,
+    )
+    for name, _, bound in CASES:
+        out = outs[name]
+        assert out['tag'] == timm.models.get_pretrained_cfg(name).tag
+        assert _rel(expected[name], torch.tensor(out['logits'])) < bound, name
+        assert out['head'][1] == 10 and out['same_features'] and out['last_feature'] and out['from_file'], name
+
+
+def test_wrong_or_missing_plain_weights_are_errors_naming_model_source_and_problem(tmp_path):
+    cache = tmp_path / 'cache'
+    _hf_cache(cache, 'timm/resnet18.a1_in1k', timm.create_model('resnet34').state_dict())  # the wrong network
+    code = """
+        import json, timm
+        errors = {}
+        for name in ('resnet18_nam', 'resnet34_nam'):  # resnet34's repository is not in the cache
+            try:
+                timm.create_model(name, pretrained=True)
+            except Exception as e:
+                errors[name] = f'{type(e).__name__}: {e}'
+        print(json.dumps(errors))
+    """
+    errors = _offline(code, cache)
+    assert errors['resnet18_nam'].startswith(
+        'RuntimeError: Could not load pretrained weights for resnet18_nam (plain_a1_in1k tag) from '
+        'timm/resnet18.a1_in1k: '
+    )
+    assert 'layer1.2.bn2' in errors['resnet18_nam'] or 'layer1.2' in errors['resnet18_nam']
+    assert (
+        'Could not load pretrained weights for resnet34_nam (plain_a1_in1k tag) from timm/resnet34.a1_in1k'
+        in (errors['resnet34_nam'])
+    )
+    with pytest.raises(ValueError, match=r'Cannot load the given state dict into resnet18_nam: .*layer4\.1\.bn2'):
+        load_plain_weights(
+            timm.create_model('resnet18_nam'),
+            {k: v for k, v in _plain('resnet18').state_dict().items() if not k.startswith('layer4.1.bn2')},
+        )
+    weights = tmp_path / 'resnet50.safetensors'
+    save_file(timm.create_model('resnet50').state_dict(), str(weights))
+    with pytest.raises(ValueError, match=rf'Cannot load {weights} into resnet18_nam: .*shape'):
+        load_plain_weights(timm.create_model('resnet18_nam'), weights)
+
+
+def test_conversion_doubles_each_gated_norm_and_gives_the_gate_the_statistics_of_its_input():
+    """In float64: a converted site computes 2·norm(y) and its gate's running statistics are the mean and variance of
+    that tensor (per channel; per pixel the channels' pooled statistics), so NAM's x̂ is standardized."""
+    plain = _plain('resnet18').double()
+    torch.manual_seed(3)
+    y = torch.randn(64, 64, 4, 4, dtype=torch.float64) * 2 + 1
+    norm = plain.layer1[0].bn2
+    norm.running_mean.copy_(y.mean((0, 2, 3)))
+    norm.running_var.copy_(y.var((0, 2, 3), unbiased=False))
+    for name, kind in [('resnet18_nam', NAMChannel), ('resnet18_nam_sp', NAMSpatial)]:
+        nam = timm.create_model(name, img_size=16).double()
+        load_plain_weights(nam, plain)
+        site = nam.layer1[0].bn2
+        assert isinstance(site, NormNAM) and isinstance(site.nam, kind)
+        torch.testing.assert_close(site.norm.weight, 2 * norm.weight)
+        torch.testing.assert_close(site.norm.bias, 2 * norm.bias)
+        assert torch.all(site.nam.bn.weight == SCALE_INIT) and torch.all(site.nam.bn.bias == 0)
+        x = site.eval().norm(y)
+        if kind is NAMChannel:
+            mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+        else:  # per pixel over batch and channels; the plain norm's statistics say nothing about position
+            mean, var = x.mean().expand(16), x.var(unbiased=False).expand(16)
+        torch.testing.assert_close(site.nam.bn.running_mean, mean)
+        torch.testing.assert_close(site.nam.bn.running_var, var)
+    # a state dict that is already NAM's passes through (the pretrained filter sees NAM weights too)
+    nam_state = nam.state_dict()
+    assert plain_to_nam_state_dict(nam_state, nam) is nam_state
+
+
+def test_what_remains_is_the_gates_first_order_term():
+    """The converted network differs from the plain one by the gates' x̂/(2C) term: in proportion to NAM's initial
+    scale; with the paper's weighting the gates do not move it otherwise, and 'mean' weighting is not near-constant."""
+    plain = _plain('resnet18')
+    with torch.no_grad():
+        expected = plain(X)
+    errors = {}
+    for scale in (1.0, 0.5, 0.25):
+        nam = load_plain_weights(timm.create_model('resnet18_nam').eval(), plain, scale_init=scale)
+        with torch.no_grad():
+            errors[scale] = _rel(expected, nam(X))
+    assert 0.45 < errors[0.5] / errors[1.0] < 0.55 and 0.45 < errors[0.25] / errors[0.5] < 0.55
+    mean = load_plain_weights(timm.create_model('resnet18_nam', nam_weighting='mean').eval(), plain)
+    with torch.no_grad():
+        assert _rel(expected, mean(X)) > 20 * errors[SCALE_INIT]
+
+
+def test_load_plain_weights_reads_models_files_and_state_dicts_alike(tmp_path):
+    plain = _plain('mobilenetv2_050')
+    save_file(plain.state_dict(), str(tmp_path / 'w.safetensors'))
+    torch.save(plain.state_dict(), tmp_path / 'w.pth')
+    models = [
+        load_plain_weights(timm.create_model('mobilenetv2_050_nam'), source).eval()
+        for source in (plain, plain.state_dict(), tmp_path / 'w.safetensors', tmp_path / 'w.pth')
+    ]
+    with torch.no_grad():
+        outs = [m(X) for m in models]
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    assert _rel(plain(X), outs[0]) < OTHER_BOUND
+    head = load_plain_weights(timm.create_model('mobilenetv2_050_nam', num_classes=10), plain)  # head left as is
+    assert head.classifier.out_features == 10 and torch.equal(head.conv_head.weight, plain.conv_head.weight)
+
+
+FAMILIES = [
+    ('resnet18', RESNET_BOUND),
+    ('resnet26d', RESNET_BOUND),
+    ('resnext50_32x4d', RESNET_BOUND),
+    ('wide_resnet50_2', RESNET_BOUND),
+    ('regnetx_002', OTHER_BOUND),
+    ('regnety_002', OTHER_BOUND),
+    ('mobilenetv2_050', OTHER_BOUND),
+    ('mobilenetv3_small_050', OTHER_BOUND),
+    ('efficientnet_b0', OTHER_BOUND),
+    ('tf_efficientnetv2_b0', OTHER_BOUND),
+    ('cspresnet50', OTHER_BOUND),
+    ('cspdarknet53', OTHER_BOUND),
+    ('cs3darknet_s', OTHER_BOUND),
+]
+
+
+@pytest.mark.parametrize('arch,bound', FAMILIES)
+def test_add_nam_keeps_what_the_network_computes_and_trains(arch, bound):
+    model = _plain(arch, num_classes=10)
+    sites = nam_sites(model)
+    with torch.no_grad():
+        expected = model(X)
+    assert add_nam(model) is model
+    with torch.no_grad():
+        assert _rel(expected, model(X)) < bound
+    gates = [model.get_submodule(s).nam for s in sites]
+    assert all(isinstance(g, NAMChannel) for g in gates)
+    scales = timm_nam.nam_scales(model)
+    assert len(scales) == len(sites) and {id(s) for s in scales} == {id(g.bn.weight) for g in gates}
+    model.train()
+    loss = timm_nam.NAMSparsityLoss(nn.CrossEntropyLoss(), model, p=1e-4)(model(X), torch.arange(8) % 10)
+    loss.backward()
+    assert all(s.grad is not None and s.grad.abs().sum() > 0 for s in scales)
+
+
+def test_add_nam_gives_a_plain_network_the_registered_nam_model():
+    plain = _plain('mobilenetv2_100')
+    added = add_nam(plain)
+    registered = load_plain_weights(timm.create_model('mobilenetv2_100_nam'), _plain('mobilenetv2_100'))
+    assert list(added.state_dict()) == list(registered.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(added(X), registered.eval()(X))
+
+
+@pytest.mark.parametrize(
+    'arch,reason',
+    [
+        ('convnext_atto', "it has no batch norm (NAM gates a batch norm's output with that norm's statistics)"),
+        ('vit_tiny_patch16_224', 'it has no batch norm'),
+        ('resnext26ts', 'none of its blocks is a residual block of a layout NAM knows'),
+    ],
+)
+def test_add_nam_refuses_networks_it_cannot_convert_and_leaves_them_unchanged(arch, reason):
+    model = timm.create_model(arch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf'Cannot add NAM to {arch}: {re.escape(reason)}'):
+        add_nam(model)
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_add_nam_checks_every_block_before_changing_any():
+    model = _plain('resnet18')
+    model.layer3[1].bn2 = nn.GroupNorm(8, 256)  # one block's last norm is no batch norm
+    types = [type(m) for m in model.modules()]
+    with pytest.raises(
+        ValueError, match='Cannot add NAM to resnet18: layer3.1.bn2 is a GroupNorm, not an affine batch'
+    ):
+        add_nam(model)
+    assert [type(m) for m in model.modules()] == types
+    twice = add_nam(_plain('resnet18'))
+    with pytest.raises(ValueError, match='layer1.0.bn2 already has a NAM gate'):
+        add_nam(twice)
+    with pytest.raises(ValueError, match='spatial NAM needs img_size='):
+        add_nam(_plain('resnet18'), kind='nam_sp')

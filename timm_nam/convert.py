@@ -1,0 +1,191 @@
+"""From plain timm weights to NAM, exactly: pretrained NAM networks without NAM training.
+
+With the paper's weighting a fresh NAM gate is ``sigmoid(w·BN(x))`` with ``w = |γ|/Σ|γ| = 1/C``, so in eval mode it is
+``sigmoid(x̂/C) = 0.5 + x̂/(4C) + O(C⁻³)``, ``x̂`` the gated tensor standardized by NAM's running statistics. A NAM
+network is therefore its plain network with each gated branch halved. Loading plain weights, the conversion
+
+* doubles the affine (γ, β) of every norm NAM gates (×4 where a channel and a spatial gate follow each other), so
+  that ``2x·gate = x·(1 + x̂/(2C) + ...)``, and
+* sets each gate's running statistics to those of the tensor it gates, which follow from the plain norm's state: mean
+  ``2β``, variance ``4γ²·v/(v + ε)`` per channel (``v`` its running variance); per pixel (spatial gates), the mean and
+  variance over channels of those, so that ``x̂`` is standardized and what remains is the ``x̂/(2C)`` term.
+
+The eval-mode output then equals the plain network's up to that term (measured per model in
+``results/pretrained_conversion/``); the gates start at the paper's initialisation (scale ``scale_init`` = 1, shift 0)
+and train as usual. With ``weighting='mean'`` (``w ≈ 1``) the gate is not near-constant and the conversion is not
+exact (measured there too).
+"""
+
+from pathlib import Path
+from typing import Dict, List, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from .layers import NAM, NAMChannel, NAMSpatial, NormNAM
+from .models._placement import insert_nam
+
+__all__ = ['add_nam', 'load_plain_weights', 'plain_to_nam_state_dict', 'SCALE_INIT']
+
+# NAM's scale γ at the start of a converted gate (see the module docstring for the choice)
+SCALE_INIT = 0.5
+
+StateDict = Dict[str, torch.Tensor]
+
+
+def _gates(nam: nn.Module) -> List[nn.Module]:
+    """The gates of a site in the order they apply (channel, then spatial)."""
+    if isinstance(nam, NAM):
+        return [nam.channel, nam.spatial]
+    if isinstance(nam, (NAMChannel, NAMSpatial)):
+        return [nam]
+    raise ValueError(f'a {type(nam).__name__} cannot be loaded from plain weights (fold NAM after loading)')
+
+
+def _norm_output_stats(plain: StateDict, prefix: str, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and variance of the plain norm's output, from its parameters and running statistics."""
+    gamma, beta, var = (plain[f'{prefix}{k}'].double() for k in ('weight', 'bias', 'running_var'))
+    return beta, gamma.square() * var / (var + eps)
+
+
+def _gate_state(gate: nn.Module, mean: torch.Tensor, var: torch.Tensor, scale_init: float) -> StateDict:
+    """A fresh gate's state (scale ``scale_init``, shift 0) with the running statistics of its input, whose per-channel
+    mean and variance are ``mean`` and ``var``."""
+    bn = gate.bn
+    if isinstance(gate, NAMSpatial):  # per pixel, over channels (the law of total variance): alike at every pixel
+        pixel_mean = mean.mean()
+        pixel_var = (var + (mean - pixel_mean).square()).mean()
+        mean, var = pixel_mean.expand(bn.num_features), pixel_var.expand(bn.num_features)
+    like = dict(dtype=bn.running_mean.dtype, device=bn.running_mean.device)
+    return {
+        'weight': torch.full_like(bn.weight, scale_init),
+        'bias': torch.zeros_like(bn.bias),
+        'running_mean': mean.to(**like).clone(),
+        'running_var': var.to(**like).clone(),
+        'num_batches_tracked': torch.zeros_like(bn.num_batches_tracked),
+    }
+
+
+def plain_to_nam_state_dict(state_dict: StateDict, model: nn.Module, scale_init: float = SCALE_INIT) -> StateDict:
+    """The state dict of a plain timm network of ``model``'s architecture, converted for ``model`` (its NAM form; see
+    the module docstring). A state dict that already has NAM's keys is returned unchanged, so this serves as the
+    ``pretrained_filter_fn`` of every NAM model. Raises ValueError naming the norm whose weights are missing or
+    mis-shaped."""
+    sites = [(name, m) for name, m in model.named_modules() if isinstance(m, NormNAM)]
+    if not sites or any(k.startswith(f'{sites[0][0]}.norm.') for k in state_dict):
+        return state_dict
+    out = dict(state_dict)
+    for name, site in sites:
+        prefix, channels = f'{name}.', site.norm.num_features
+        for key in ('weight', 'bias', 'running_mean', 'running_var'):
+            tensor = out.pop(f'{prefix}{key}', None)
+            if tensor is None:
+                raise ValueError(
+                    f'the weights have no {prefix}{key} for the norm that NAM gates at {name} '
+                    '(are they weights of the same architecture without NAM?)'
+                )
+            if tensor.shape != (channels,):
+                raise ValueError(
+                    f'{prefix}{key} has shape {tuple(tensor.shape)}; the norm NAM gates at {name} has {channels} '
+                    'channels (are they weights of the same architecture without NAM?)'
+                )
+            out[f'{prefix}norm.{key}'] = tensor
+        if f'{prefix}num_batches_tracked' in out:
+            out[f'{prefix}norm.num_batches_tracked'] = out.pop(f'{prefix}num_batches_tracked')
+        gates = _gates(site.nam)
+        gain = 2.0 ** len(gates)  # each fresh gate is about 0.5
+        mean, var = _norm_output_stats(out, f'{prefix}norm.', site.norm.eps)
+        for key in ('weight', 'bias'):
+            out[f'{prefix}norm.{key}'] = out[f'{prefix}norm.{key}'] * gain
+        mean, var = mean * gain, var * gain**2
+        for gate in gates:
+            gate_prefix = f'{prefix}nam.' + ('bn.' if gate is site.nam else f'{_child_name(site.nam, gate)}.bn.')
+            out.update({f'{gate_prefix}{k}': v for k, v in _gate_state(gate, mean, var, scale_init).items()})
+            mean, var = mean / 2, var / 4
+    return out
+
+
+def _child_name(parent: nn.Module, child: nn.Module) -> str:
+    return next(name for name, m in parent.named_children() if m is child)
+
+
+def _read_weights(source) -> Tuple[StateDict, str]:
+    """A state dict and a description of where it came from."""
+    if isinstance(source, nn.Module):
+        return source.state_dict(), f'a {type(source).__name__}'
+    if isinstance(source, dict):
+        return source, 'the given state dict'
+    path = Path(source)
+    if path.is_file():
+        if path.suffix == '.safetensors':
+            from safetensors.torch import load_file
+
+            return load_file(str(path)), str(path)
+        state = torch.load(path, map_location='cpu', weights_only=True)
+        return (state.get('state_dict', state) if isinstance(state, dict) else state), str(path)
+    import timm
+
+    if timm.is_model(str(source)) or str(source).startswith('hf-hub:'):
+        return timm.create_model(str(source), pretrained=True).state_dict(), str(source)
+    raise FileNotFoundError(f'{source} is neither a weights file nor a timm model name')
+
+
+def load_plain_weights(
+    model: nn.Module, source: Union[str, Path, dict, nn.Module], scale_init: float = SCALE_INIT
+) -> nn.Module:
+    """Load a plain timm network's weights into the NAM model ``model``, converted exactly (module docstring).
+
+    ``source``: a plain timm model (``nn.Module``), its state dict, a ``.safetensors`` / ``.pth`` file, or a timm
+    model name with pretrained weights (``'resnet50.tv2_in1k'``, ``'hf-hub:timm/...'``; read from the Hub or its
+    cache). A classifier of another class count is left as initialised, as timm's ``pretrained=True`` does; any other
+    missing, unexpected or mis-shaped tensor is an error naming the model, the source and the tensor.
+    """
+    state, where = _read_weights(source)
+    name = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or type(model).__name__
+    try:
+        state = plain_to_nam_state_dict(state, model, scale_init)
+    except ValueError as e:
+        raise ValueError(f'Cannot load {where} into {name}: {e}') from None
+    own = model.state_dict()
+    classifier = (getattr(model, 'pretrained_cfg', None) or {}).get('classifier')
+    head = {k for k in own if classifier and k.startswith(f'{classifier}.')}
+    state = {k: v for k, v in state.items() if not (k in head and v.shape != own[k].shape)}
+    missing = sorted(set(own) - set(state) - head)
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(k for k in set(state) & set(own) if state[k].shape != own[k].shape)
+    problems = [f'missing {k}' for k in missing] + [f'unexpected {k}' for k in unexpected]
+    problems += [f'{k}: {tuple(state[k].shape)} in the weights, {tuple(own[k].shape)} in the model' for k in shapes]
+    if problems:
+        shown = '; '.join(problems[:6]) + (f' (+{len(problems) - 6} more)' if len(problems) > 6 else '')
+        raise ValueError(f'Cannot load {where} into {name}: {shown}')
+    model.load_state_dict(state, strict=False)
+    return model
+
+
+def add_nam(
+    model: nn.Module,
+    kind: str = 'nam',
+    img_size=None,
+    scale_init: float = SCALE_INIT,
+    weighting: str = 'sum',
+    grad_through_weights: bool = False,
+) -> nn.Module:
+    """Put NAM gates into a timm network, in place, after the last norm of every residual / inverted-residual block,
+    keeping what it computes: its weights are converted exactly (module docstring), so a pretrained network stays
+    pretrained. Returns the model, ready to train with `timm_nam.NAMSparsityLoss` or `timm_nam.enable_penalty`.
+
+    Args:
+        model: a timm ResNet / ResNeXt / wide ResNet / ResNet-D, RegNet, MobileNetV2/V3, EfficientNet/V2, CSPNet or
+            CSPDarknet (any network built from those block types), pretrained or not.
+        kind: 'nam' (channel attention), 'nam_sp' (spatial) or 'nam_chsp' (channel then spatial), as the suffixes of
+            the registered models; spatial kinds need ``img_size``.
+        scale_init: NAM's scale γ at the start (the paper's 1).
+        weighting, grad_through_weights: the NAM layers' options (`timm_nam.NAMChannel`).
+
+    A network NAM cannot be placed in (no batch norm, as ConvNeXt or ViT, or no block of a known layout) raises a
+    ValueError naming it and the reason, and is left unchanged.
+    """
+    plain = model.state_dict()
+    insert_nam(model, kind, img_size=img_size, weighting=weighting, grad_through_weights=grad_through_weights)
+    model.load_state_dict(plain_to_nam_state_dict(plain, model, scale_init))
+    return model
