@@ -14,8 +14,9 @@ from timm.models._hub import save_for_hf  # not re-exported by timm.models befor
 import timm_nam  # noqa: F401  registers the models also when TIMM_DISABLE_PLUGINS is set
 from tests.helpers import PAPER_PARAMS, TIMM_LOCAL_DIR
 from timm_nam import NAM, NAMChannel, NAMSpatial
+from timm_nam.layers import NormNAM
 
-ALL_MODELS = sorted(timm.list_models(module='resnet_nam') + timm.list_models(module='efficientnet_nam'))
+ALL_MODELS = sorted(timm.list_models(module=['resnet_nam', 'mobilenetv2_nam', 'efficientnet_nam']))
 # the big ones are covered by their smaller siblings in the slow-path tests below
 FAST_MODELS = [m for m in ALL_MODELS if m not in ('resnet101_nam', 'mobilenetv2_140_nam', 'mobilenetv2_140_nam_chsp')]
 
@@ -73,54 +74,53 @@ def test_paper_parameter_counts(name):
     assert sum(p.numel() for p in model.parameters()) == PAPER_PARAMS[name]
 
 
+def _gate(block, norm):
+    site = getattr(block, norm)
+    assert isinstance(site, NormNAM) and block.se is None  # timm's attention slot stays empty
+    return site.nam
+
+
 def test_nam_placement_resnet():
+    """After the last norm of every block (bn3 / bn2), before drop-path and the residual add."""
     model = timm.create_model('resnet50_nam')
     blocks = [b for s in (model.layer1, model.layer2, model.layer3, model.layer4) for b in s]
-    assert len(blocks) == 16 and all(isinstance(b.se, NAMChannel) for b in blocks)
-    assert all(b.se.channels == b.bn3.num_features for b in blocks)
-    basic = timm.create_model('resnet18_nam')
-    assert all(
-        isinstance(b.se, NAMChannel) and b.se.channels == b.bn2.num_features
-        for s in (basic.layer1, basic.layer4)
-        for b in s
+    gates = [_gate(b, 'bn3') for b in blocks]
+    assert len(gates) == 16 and all(
+        isinstance(g, NAMChannel) and g.channels == b.conv3.out_channels for g, b in zip(gates, blocks)
     )
+    basic = timm.create_model('resnet18_nam')
+    assert all(isinstance(_gate(b, 'bn2'), NAMChannel) for s in (basic.layer1, basic.layer4) for b in s)
     sp = timm.create_model('resnet50_nam_chsp')
-    sizes = [b.se.spatial.feat_size for s in (sp.layer1, sp.layer2, sp.layer3, sp.layer4) for b in s]
+    sizes = [_gate(b, 'bn3').spatial.feat_size for s in (sp.layer1, sp.layer2, sp.layer3, sp.layer4) for b in s]
     assert sizes == [(56, 56)] * 3 + [(28, 28)] * 4 + [(14, 14)] * 6 + [(7, 7)] * 3
     cifar = timm.create_model('resnet50_cifar_nam_sp')
-    assert [s[0].se.feat_size for s in (cifar.layer1, cifar.layer2, cifar.layer3, cifar.layer4)] == [
+    assert [_gate(s[0], 'bn3').feat_size for s in (cifar.layer1, cifar.layer2, cifar.layer3, cifar.layer4)] == [
         (32, 32),
         (16, 16),
         (8, 8),
         (4, 4),
     ]
+    # numerically: the gate sees bn2's output and feeds the residual add
+    block = basic.layer1[1].eval()
+    x = torch.randn(1, 64, 16, 16)
+    with torch.no_grad():
+        branch = block.bn2.norm(block.conv2(block.act1(block.bn1(block.conv1(x)))))
+        torch.testing.assert_close(block(x), torch.relu(block.bn2.nam(branch) + x))
 
 
 def test_nam_placement_mobilenetv2_is_after_projection_bn():
     model = timm.create_model('mobilenetv2_100_nam_chsp').eval()
     blocks = [b for s in model.blocks for b in s]
     assert len(blocks) == 17
-    gates = [b.bn3.act if hasattr(b, 'bn3') else b.bn2.act for b in blocks]
-    assert all(isinstance(g, NAM) for g in gates)
-    assert [g.spatial.feat_size[0] for g in gates] == [112] + [56] * 2 + [28] * 3 + [14] * 7 + [7] * 4
-    # the gate sees the projection BN's output and feeds the residual add: check one block numerically
+    sites = [b.bn3 if hasattr(b, 'bn3') else b.bn2 for b in blocks]
+    assert all(isinstance(s, NormNAM) and isinstance(s.nam, NAM) for s in sites)
+    assert [s.nam.spatial.feat_size[0] for s in sites] == [112] + [56] * 2 + [28] * 3 + [14] * 7 + [7] * 4
+    # the gate sees the projection norm's output and feeds the residual add: check one block numerically
     block = model.blocks[1][1]  # an inverted residual with a shortcut (24 channels, 56x56)
     x = torch.randn(1, 24, 56, 56)
     with torch.no_grad():
-        y = block.bn2(block.conv_dw(block.bn1(block.conv_pw(x))))
-        proj = block.bn3.drop(
-            torch.nn.functional.batch_norm(
-                block.conv_pwl(y),
-                block.bn3.running_mean,
-                block.bn3.running_var,
-                block.bn3.weight,
-                block.bn3.bias,
-                False,
-                0.0,
-                block.bn3.eps,
-            )
-        )
-        torch.testing.assert_close(block(x), block.bn3.act(proj) + x)
+        proj = block.bn3.norm(block.conv_pwl(block.bn2(block.conv_dw(block.bn1(block.conv_pw(x))))))
+        torch.testing.assert_close(block(x), block.bn3.nam(proj) + x)
 
 
 def test_spatial_models_raise_on_other_sizes_and_rebuild_with_img_size():

@@ -153,8 +153,8 @@ def load_plain_weights(
     missing = sorted(set(own) - set(state) - head)
     unexpected = sorted(set(state) - set(own))
     shapes = sorted(k for k in set(state) & set(own) if state[k].shape != own[k].shape)
-    problems = [f'missing {k}' for k in missing] + [f'unexpected {k}' for k in unexpected]
-    problems += [f'{k}: {tuple(state[k].shape)} in the weights, {tuple(own[k].shape)} in the model' for k in shapes]
+    problems = [f'{k}: {tuple(state[k].shape)} in the weights, {tuple(own[k].shape)} in the model' for k in shapes]
+    problems += [f'missing {k}' for k in missing] + [f'unexpected {k}' for k in unexpected]
     if problems:
         shown = '; '.join(problems[:6]) + (f' (+{len(problems) - 6} more)' if len(problems) > 6 else '')
         raise ValueError(f'Cannot load {where} into {name}: {shown}')

@@ -144,5 +144,5 @@ def insert_nam(model: nn.Module, kind: str = 'nam', img_size=None, **options) ->
         dd = dict(device=norm.weight.device, dtype=norm.weight.dtype)
         gate = create_nam(kind, norm.num_features, feat_sizes.get(site), **options, **dd)
         parent, _, attr = site.rpartition('.')
-        setattr(model.get_submodule(parent), attr, norm_nam(norm, gate, act))
+        setattr(model.get_submodule(parent), attr, norm_nam(norm, gate, act).train(norm.training))
     return model
