@@ -1,8 +1,10 @@
 """Test helpers: the NAM formulas written out as the authors' code computes them, small synthetic datasets (no
-downloads) and loading a scripts/ module by path."""
+downloads), batch-norm states for the conversion tests and the research area's modules (lab/)."""
 
-import importlib.util
+import importlib
+import os
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import timm
@@ -30,13 +32,19 @@ def make_image_folder(root: Path, classes: int = 2, per_class: int = 4, size: in
     return Path(root)
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 def load_script(name: str):
-    """A module of the repository's scripts/ folder (not a package), loaded by path."""
-    path = Path(__file__).resolve().parents[1] / 'scripts' / f'{name}.py'
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """A module of the repository's research area, lab/ (run from a checkout, not installed)."""
+    return importlib.import_module(f'lab.{name}')
+
+
+def lab_env(env: dict = None) -> dict:
+    """The environment of a subprocess that runs ``python -m lab...``: the checkout on its path."""
+    env = dict(os.environ if env is None else env)
+    env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(REPO), env.get('PYTHONPATH')]))
+    return env
 
 
 # Exact parameter counts of the paper's Tables 1-2 rows (the paper prints them rounded to 0.01M; these are the
@@ -132,3 +140,32 @@ def randomized_bn_(model: nn.Module, images: torch.Tensor) -> nn.Module:
         for batch in images.split(16):
             model(batch)
     return model.eval()
+
+
+def bn_states_(model: nn.Module, images: torch.Tensor) -> nn.Module:
+    """The states the conversion is measured with: `randomized_bn_` for the inverted-residual family (MobileNet,
+    EfficientNet), `trained_like_` for the rest."""
+    inverted_residual = any(type(m).__module__.endswith('_efficientnet_blocks') for m in model.modules())
+    return (randomized_bn_ if inverted_residual else trained_like_)(model, images)
+
+
+def write_train_py_run(directory: Path, model: nn.Module, args: dict, top1: Sequence[float]) -> Path:
+    """The output directory timm's train.py leaves after ``len(top1)`` epochs of ``model``, written with the timm
+    utilities train.py writes it with (``CheckpointSaver``, ``update_summary``): args.yaml, summary.csv,
+    checkpoint-N.pth.tar, last.pth.tar and model_best.pth.tar (the best epoch's, by ``top1``). The weights are
+    ``model``'s at every epoch. Returns the directory."""
+    import argparse
+
+    import yaml
+    from timm.utils import CheckpointSaver, update_summary
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / 'args.yaml').write_text(yaml.safe_dump(args, default_flow_style=False))
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.get('lr', 0.1))
+    saver = CheckpointSaver(model, optimizer, args=argparse.Namespace(**args), checkpoint_dir=str(directory))
+    for epoch, acc in enumerate(top1):
+        train = {'loss': 2.0 - 0.1 * epoch}
+        evaluation = {'loss': 1.5 - 0.1 * epoch, 'top1': acc, 'top5': min(100.0, acc + 20)}
+        update_summary(epoch, train, evaluation, str(directory / 'summary.csv'), lr=0.1, write_header=epoch == 0)
+        saver.save_checkpoint(epoch, metric=acc)
+    return directory

@@ -1,4 +1,5 @@
-"""Hub form: export, model card, publish --dry-run, and pretrained=True through timm's real hub loader, offline."""
+"""Hub form: export of a train.py run, model card, publish --dry-run, and pretrained=True through timm's real hub
+loader, offline."""
 
 import json
 import os
@@ -15,61 +16,52 @@ import torch
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
 
-from tests.helpers import TIMM_LOCAL_DIR, make_image_folder
-from timm_nam.backbone import load_backbone_weights
-from timm_nam.hub import export_checkpoint, publish, upload_plan
-from timm_nam.models._cfg import HF_ORG, hub_id
+from tests.helpers import TIMM_LOCAL_DIR, make_image_folder, randomize_bn, write_train_py_run
+from timm_nam.hub import export_run, publish, upload_plan
+from timm_nam.models._cfg import HF_ORG, PLAIN_TAG_PREFIX, hub_id
 
 TAG_MODEL, TAG = 'mobilenetv2_100_nam_chsp', 'imagenette_r64'  # the staged release (hub_configs/)
 REPO = hub_id(TAG_MODEL, TAG)
 REVISION = 'a' * 40
+TOP1 = [31.5, 42.25, 40.0]  # per epoch: the best is the second
+ARGS = dict(  # train.py's args.yaml, the keys the export reads
+    model=TAG_MODEL,
+    num_classes=10,
+    img_size=64,
+    input_size=None,
+    epochs=3,
+    batch_size=32,
+    opt='sgd',
+    momentum=0.9,
+    lr=0.05,
+    weight_decay=4e-5,
+    sched='cosine',
+    warmup_epochs=1,
+    smoothing=0.1,
+    seed=42,
+    amp=False,
+    model_ema=False,
+    model_kwargs={'nam_penalty': 0.001},
+)
 
 
 @pytest.fixture(scope='module')
 def trained_run(tmp_path_factory):
-    """The run directory of a small model really trained by timm-nam train (10 classes, 64 px)."""
+    """The output directory of a train.py run of the staged model (10 classes, 64 px), as train.py writes it."""
     root = tmp_path_factory.mktemp('hub')
-    data = make_image_folder(root / 'data', classes=10, per_class=2, size=64)
-    run = root / 'run'
-    proc = subprocess.run(
-        [
-            sys.executable,
-            '-m',
-            'timm_nam',
-            'train',
-            '-m',
-            TAG_MODEL,
-            '--data-dir',
-            str(data),
-            '-o',
-            str(run),
-            '--img-size',
-            '64',
-            '-b',
-            '10',
-            '--epochs',
-            '1',
-            '--workers',
-            '0',
-            '--device',
-            'cpu',
-            '--lr',
-            '0.01',
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return run
+    data = make_image_folder(root / 'data', classes=10, per_class=1, size=64)
+    torch.manual_seed(0)
+    model = timm.create_model(TAG_MODEL, img_size=64, num_classes=10)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            randomize_bn(m)
+    return write_train_py_run(root / 'run', model, dict(ARGS, data_dir=str(data)), TOP1)
 
 
 @pytest.fixture(scope='module')
 def exported(trained_run):
     """That run exported for the declared tag."""
-    return export_checkpoint(
-        trained_run / 'last.safetensors', trained_run.parent / 'export', tag=TAG, dataset_name='Imagenette'
-    )
+    return export_run(trained_run, trained_run.parent / 'export', tag=TAG, dataset_name='Imagenette')
 
 
 def _hf_cache(
@@ -104,21 +96,21 @@ def _reference(export: Path, x: torch.Tensor) -> torch.Tensor:
         return model(x)
 
 
-def test_export_layout_and_card(exported):
+def test_export_layout_and_card(exported, trained_run):
     assert sorted(p.name for p in exported.iterdir()) == [
         'README.md',
+        'args.yaml',
         'config.json',
         'model.safetensors',
-        'training_args.json',
-        'training_metrics.json',
+        'summary.csv',
     ]
+    assert (exported / 'args.yaml').read_bytes() == (trained_run / 'args.yaml').read_bytes()
     config = json.loads((exported / 'config.json').read_text())
     assert config['architecture'] == TAG_MODEL and config['num_classes'] == 10
     assert config['model_args']['img_size'] == [64, 64]
     assert config['pretrained_cfg']['hf_hub_id'] == REPO and config['pretrained_cfg']['input_size'] == [3, 64, 64]
+    assert 'notes' not in config['pretrained_cfg']  # the plain weights' note is not this export's
     assert config['label_names'] == [f'class{i}' for i in range(10)]
-    metrics = json.loads((exported / 'training_metrics.json').read_text())
-    assert [r['epoch'] for r in metrics] == [0]
     card = ModelCard.load(exported / 'README.md')
     meta = card.data.to_dict()
     model_index = meta.pop('model-index')
@@ -130,9 +122,9 @@ def test_export_layout_and_card(exported):
         'datasets': ['imagenette'],
         'metrics': ['accuracy'],
     }
-    accuracy = [
-        {'type': 'accuracy', 'name': f'top-{k} accuracy', 'value': round(metrics[-1][f'val_top{k}'], 2)} for k in (1, 5)
-    ]
+    # the directory stands for model_best.pth.tar: the second epoch's accuracy is reported
+    accuracy = [{'type': 'accuracy', 'name': 'top-1 accuracy', 'value': 42.25}]
+    accuracy.append({'type': 'accuracy', 'name': 'top-5 accuracy', 'value': 62.25})
     assert model_index == [
         {
             'name': f'{TAG_MODEL}.{TAG}',
@@ -148,17 +140,36 @@ def test_export_layout_and_card(exported):
     lines = card.text.splitlines()
     assert lines[0] == f'# Model card for {TAG_MODEL}.{TAG}'
     assert f"model = timm.create_model('hf-hub:{REPO}', pretrained=True).eval()" in lines
-    # the imagenet recipe with the run's flags (-b 10 --lr 0.01 --epochs 1) and the paper's p for MobileNetV2
+    text = ' '.join(lines)
     assert (
-        '  - epochs 1, global batch 10, opt sgd (momentum 0.9), lr 0.01, weight decay 0.0001, schedule cosine '
-        '(warmup 5 epochs), label smoothing 0.1, augmentation imagenet, seed 42'
-    ) in lines
-    assert '  - NAM sparsity penalty p = 0.001, AMP False, EMA False' in lines
-    assert '- **Weights file:** from `last.safetensors` (epoch 1)' in lines
-    final = metrics[-1]
+        'epochs 3, batch 32, opt sgd (momentum 0.9), lr 0.05, weight decay 4e-05, schedule cosine (warmup 1 epochs), '
+        'label smoothing 0.1, seed 42, AMP False, EMA False; NAM sparsity penalty p = 0.001'
+    ) in text
+    assert '- **Weights file:** from `model_best.pth.tar`' in lines
     assert (
-        f'| these weights | 1 | {final["val_top1"]:.2f} | {final["val_top5"]:.2f} | {final["val_loss"]:.4f} |' in lines
+        '| these weights | 2 | 42.25 | 62.25 | 1.4000 |' in lines
+        and '| final epoch | 3 | 40.00 | 60.00 | 1.3000 |' in lines
     )
+
+
+def test_export_records_the_input_size_the_run_trained_at(tmp_path):
+    """A model that takes any input size, trained at another size than its cfg's: the export says that size."""
+    run = write_train_py_run(
+        tmp_path / 'run',
+        timm.create_model('resnet18_nam', num_classes=3),
+        dict(ARGS, model='resnet18_nam', num_classes=3, img_size=48),
+        [10.0],
+    )
+    config = json.loads((export_run(run, tmp_path / 'export', tag='t') / 'config.json').read_text())
+    assert config['pretrained_cfg']['input_size'] == [3, 48, 48] and 'img_size' not in config.get('model_args', {})
+    run = write_train_py_run(
+        tmp_path / 'run2',
+        timm.create_model('resnet18_nam', num_classes=3),
+        dict(ARGS, model='resnet18_nam', num_classes=3, img_size=None, input_size=[3, 40, 56]),
+        [10.0],
+    )
+    config = json.loads((export_run(run, tmp_path / 'export2', tag='t') / 'config.json').read_text())
+    assert config['pretrained_cfg']['input_size'] == [3, 40, 56]
 
 
 def _modes(folder: Path) -> dict:
@@ -175,7 +186,6 @@ def test_export_cli_writes_the_export_with_one_file_mode(trained_run, exported, 
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    # the run directory stands for its last.safetensors, as the function was given above
     assert sorted(f.name for f in out.iterdir()) == sorted(f.name for f in exported.iterdir())
     for f in exported.iterdir():
         assert (out / f.name).read_bytes() == f.read_bytes(), f.name
@@ -186,8 +196,16 @@ def test_export_cli_writes_the_export_with_one_file_mode(trained_run, exported, 
     assert set(_modes(out).values()) == set(_modes(exported).values()) == {stat.S_IMODE(probe.stat().st_mode)}
 
 
-def test_importing_hub_does_not_import_training():
-    code = "import sys, timm_nam.hub; print(sorted(m for m in sys.modules if m.startswith('timm_nam.training')))"
+def test_the_wheel_is_the_plugin():
+    """What pip installs holds no trainer or study code: those live in the repository's lab/, run from a checkout."""
+    from importlib.metadata import distribution
+
+    files = [str(f) for f in distribution('timm-nam').files or ()]
+    assert not [f for f in files if f.startswith(('timm_nam/training', 'lab/'))]
+    code = (
+        'import sys, timm_nam.hub, timm_nam.cli\n'
+        "print(sorted(m for m in sys.modules if m.startswith(('lab', 'timm_nam.training'))))"
+    )
     proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == '[]'
@@ -204,7 +222,7 @@ def test_pretrained_true_reports_only_loading_errors_as_such(tmp_path):
     with pytest.raises(TypeError, match="unexpected keyword argument 'no_such_kwarg'"):
         timm.create_model('resnet18_nam', **kwargs, no_such_kwarg=1)
     weights.write_bytes(weights.read_bytes()[:1000])
-    message = re.escape(f'Could not load pretrained weights for resnet18_nam (default tag) from {weights}: ')
+    message = re.escape(f'Could not load pretrained weights for resnet18_nam (plain_a1_in1k tag) from {weights}: ')
     with pytest.raises(RuntimeError, match=message):
         timm.create_model('resnet18_nam', **kwargs)
 
@@ -278,9 +296,11 @@ def test_missing_weights_offline_is_a_clear_error(exported, tmp_path):
 
 
 def test_registered_tags_are_exactly_the_published_releases():
-    """timm.list_pretrained names a timm-nam tag only if its weights were published (hub_configs/README.md)."""
-    ours = timm.list_models(module='efficientnet_nam') + timm.list_models(module='resnet_nam')
+    """timm.list_pretrained names a NAM-trained timm-nam tag only if its weights were published
+    (hub_configs/README.md); the other tags are timm's plain weights (test_pretrained.py)."""
+    ours = timm.list_models(module=['resnet_nam', 'mobilenetv2_nam', 'efficientnet_nam'])
     tags = {n for n in timm.list_pretrained('*') if '.' in n and n.split('.')[0] in ours}
+    tags = {n for n in tags if not n.split('.')[1].startswith(PLAIN_TAG_PREFIX)}
     folders = Path(__file__).parents[1] / 'hub_configs'
     staged = {d.name for d in folders.iterdir() if d.is_dir()}
     published = {name for name in staged if (folders / name / 'published.json').is_file()}
@@ -327,47 +347,32 @@ def test_publish_refuses_pickles_and_incomplete_exports(exported, tmp_path):
         upload_plan(bad)
 
 
-def test_export_needs_the_run_records(tmp_path):
-    model = timm.create_model('resnet18_nam', num_classes=3)
-    from timm_nam.training.checkpoint import save_weights
-
-    save_weights(model, tmp_path / 'last.safetensors', 'resnet18_nam', dict(num_classes=3))
-    with pytest.raises(FileNotFoundError, match='args.json is missing'):
-        export_checkpoint(tmp_path / 'last.safetensors', tmp_path / 'out', tag='x')
-
-
-def test_load_plain_timm_backbone_into_nam_model(tmp_path):
-    plain = timm.create_model('resnet18')
-    save_file(plain.state_dict(), str(tmp_path / 'resnet18.safetensors'))
-    model = timm.create_model('resnet18_nam')
-    report = load_backbone_weights(model, tmp_path / 'resnet18.safetensors')
-    own = model.state_dict()
-    for k, v in plain.state_dict().items():
-        assert torch.equal(own[k], v), k
-    assert len(report['nam_fresh']) == 8 * 5 and all('.se.' in k for k in report['nam_fresh'])
-    assert all(
-        torch.equal(m.bn.weight, torch.ones_like(m.bn.weight))
-        for m in model.modules()
-        if hasattr(m, 'bn') and type(m).__name__ == 'NAMChannel'
+def test_export_needs_the_run_records(trained_run, tmp_path):
+    partial = tmp_path / 'partial'
+    partial.mkdir()
+    (partial / 'last.pth.tar').write_bytes((trained_run / 'last.pth.tar').read_bytes())
+    with pytest.raises(FileNotFoundError, match="Not the output directory of timm's train.py: args.yaml, summary.csv"):
+        export_run(partial, tmp_path / 'out', tag='x')
+    for name in ('args.yaml', 'summary.csv'):
+        (partial / name).write_bytes((trained_run / name).read_bytes())
+    (partial / 'last.pth.tar').rename(partial / 'other.pth.tar')
+    with pytest.raises(
+        FileNotFoundError, match='No checkpoint in .*: expected one of model_best.pth.tar, last.pth.tar'
+    ):
+        export_run(partial, tmp_path / 'out', tag='x')
+    proc = subprocess.run(
+        [sys.executable, '-m', 'timm_nam', 'export', str(tmp_path / 'nowhere'), str(tmp_path / 'out'), '--tag', 'x'],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
-
-    mbv2 = timm.create_model('mobilenetv2_100')
-    torch.save(mbv2.state_dict(), tmp_path / 'mbv2.pth')
-    nam = timm.create_model('mobilenetv2_100_nam', num_classes=10)
-    report = load_backbone_weights(nam, tmp_path / 'mbv2.pth')
-    assert sorted(report['classifier_skipped']) == ['classifier.bias', 'classifier.weight']
-    assert torch.equal(nam.conv_head.weight, mbv2.conv_head.weight)
-
-    with pytest.raises(ValueError, match='does not fit the backbone of AttnResNet'):
-        load_backbone_weights(timm.create_model('resnet18_nam'), timm.create_model('resnet34').state_dict())
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr and 'does not exist' in proc.stderr
 
 
-def test_untagged_names_are_the_imagenet_architectures_and_refuse_missing_weights():
+def test_names_without_weights_refuse_pretrained():
     model = timm.create_model(TAG_MODEL)
     assert model.num_classes == 1000 and model.pretrained_cfg['input_size'] == (3, 224, 224)
     with pytest.raises(RuntimeError, match=rf'Invalid pretrained tag \({TAG}\) for {TAG_MODEL}'):
         timm.create_model(f'{TAG_MODEL}.{TAG}')  # staged, not published: not a registered tag
-    with pytest.raises(ValueError, match=f'{TAG_MODEL} has no pretrained weights.*no trained tags exist yet'):
-        timm.create_model(TAG_MODEL, pretrained=True)
-    with pytest.raises(ValueError, match='resnet18_nam has no pretrained weights'):
-        timm.create_model('resnet18_nam', pretrained=True)
+    with pytest.raises(ValueError, match='resnet18_se has no pretrained weights.*no trained tags exist yet'):
+        timm.create_model('resnet18_se', pretrained=True)

@@ -1,4 +1,4 @@
-"""scripts/imagenette_study.py: which runs it does, on which machine, and rows that say which machine made them."""
+"""lab/imagenette_study.py: which runs it does, on which machine, and rows that say which machine made them."""
 
 import sys
 from pathlib import Path

@@ -21,7 +21,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 import timm_nam
-from tests.helpers import randomized_bn_, trained_like_
+from tests.helpers import bn_states_
 from timm_nam import NAMChannel, NAMSpatial, add_nam, load_plain_weights
 from timm_nam.convert import SCALE_INIT, plain_to_nam_state_dict
 from timm_nam.layers import NormNAM
@@ -37,9 +37,7 @@ REVISION = 'b' * 40
 def _plain(arch: str, size: int = 64, **kwargs) -> nn.Module:
     torch.manual_seed(0)
     images = CALIBRATION if size == 64 else torch.randn(32, 3, size, size, generator=torch.Generator().manual_seed(1))
-    model = timm.create_model(arch, **kwargs)
-    inverted_residual = any(type(m).__module__.endswith('_efficientnet_blocks') for m in model.modules())
-    return (randomized_bn_ if inverted_residual else trained_like_)(model, images)
+    return bn_states_(timm.create_model(arch, **kwargs), images)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -1,4 +1,4 @@
-"""scripts/summarize_study.py: the study's numbers as MODEL_CARD quotes them."""
+"""lab/summarize_study.py: the study's numbers as MODEL_CARD quotes them."""
 
 import csv
 from pathlib import Path

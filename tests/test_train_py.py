@@ -1,4 +1,5 @@
-"""timm's own, unmodified train.py with timm-nam: --device-modules timm_nam and the penalty as a model kwarg.
+"""timm's own, unmodified train.py with timm-nam: --device-modules timm_nam, the penalty as a model kwarg, and its
+output exported for the Hub by ``timm-nam export``.
 
 train.py is not in timm's wheel: TIMM_TRAIN_PY names it (from timm's repository); without it the tests look for the
 unmodified copy kept beside this repository, ``../shared/upstream/timm-train.py``, and skip if there is none.
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import make_image_folder
+from tests.helpers import TIMM_LOCAL_DIR, make_image_folder
 
 _BESIDE = Path(__file__).resolve().parents[2] / 'shared' / 'upstream' / 'timm-train.py'
 TRAIN_PY = os.environ.get('TIMM_TRAIN_PY') or (str(_BESIDE) if _BESIDE.is_file() else None)
@@ -32,7 +33,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _train(data, out, penalty, nproc=1, extra=()):
+def _run_train_py(data, out, penalty, nproc=1, extra=(), model='resnet50_nam', img_size=64):
     launcher = (
         [sys.executable]
         if nproc == 1
@@ -51,7 +52,7 @@ def _train(data, out, penalty, nproc=1, extra=()):
         '--data-dir',
         str(data),
         '--model',
-        'resnet50_nam',
+        model,
         '--device-modules',
         'timm_nam',
         '--model-kwargs',
@@ -59,7 +60,7 @@ def _train(data, out, penalty, nproc=1, extra=()):
         '--num-classes',
         '3',
         '--img-size',
-        '64',
+        str(img_size),
         '--epochs',
         '1',
         '-b',
@@ -97,9 +98,14 @@ def _train(data, out, penalty, nproc=1, extra=()):
         launcher + args, capture_output=True, text=True, timeout=900, env={**os.environ, 'TIMM_DISABLE_PLUGINS': '1'}
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return out / 'run'
+
+
+def _train(data, out, penalty, **kw):
+    """NAM's scales after a train.py run."""
     with torch.serialization.safe_globals([argparse.Namespace]):
-        state = torch.load(out / 'run' / 'last.pth.tar', map_location='cpu', weights_only=True)['state_dict']
-    return {k: v for k, v in state.items() if k.endswith('.se.bn.weight')}
+        state = torch.load(_run_train_py(data, out, penalty, **kw) / 'last.pth.tar', weights_only=True)['state_dict']
+    return {k: v for k, v in state.items() if k.endswith('.nam.bn.weight')}
 
 
 @pytest.fixture(scope='module')
@@ -140,3 +146,35 @@ def test_train_py_applies_the_penalty_exactly(data_dir, tmp_path, setting):
 def test_device_modules_builds_our_model(data_dir, tmp_path):
     state = _train(data_dir, tmp_path / 'plain', 0.0)
     assert len(state) == 16
+
+
+def test_a_train_py_run_exports_for_the_hub_and_loads_back(data_dir, tmp_path):
+    """``timm-nam export`` takes train.py's output directory; the export records the size the run trained at and
+    loads through ``local-dir:`` with the checkpoint's outputs."""
+    import json
+
+    import timm
+
+    from timm_nam.train_run import create_model_from_run, read_run
+
+    run = _run_train_py(data_dir, tmp_path / 'train', 1e-4, model='resnet18_nam', img_size=48)
+    out = tmp_path / 'export'
+    proc = subprocess.run(
+        [sys.executable, '-m', 'timm_nam', 'export', str(run), str(out), '--tag', 'tiny'],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.loads((out / 'config.json').read_text())
+    assert config['architecture'] == 'resnet18_nam' and config['num_classes'] == 3
+    assert config['pretrained_cfg']['input_size'] == [3, 48, 48] and config['pretrained_cfg']['tag'] == 'tiny'
+    assert 'p = 0.0001' in (out / 'README.md').read_text()
+    x = torch.randn(2, 3, 48, 48)
+    expected = create_model_from_run(read_run(run))(x)  # model_best.pth.tar
+    name = f'local-dir:{out}' if TIMM_LOCAL_DIR else f'hf-hub:{out}'  # older timm reads the same files as hf-hub:
+    if not TIMM_LOCAL_DIR:
+        pytest.skip('local-dir: model names need timm >= 1.0.16')
+    loaded = timm.create_model(name, pretrained=True).eval()
+    assert timm.data.resolve_data_config({}, model=loaded)['input_size'] == (3, 48, 48)
+    torch.testing.assert_close(loaded(x), expected)

@@ -1,5 +1,6 @@
-"""timm-nam train: exact resume after a real kill, DDP == accumulation, metrics, the penalty applied once, data and
-model randomness kept apart, diverging runs and damaged checkpoints stopped with clear errors, --compile, CIFAR-100."""
+"""The study trainer (lab.train): exact resume after a real kill, DDP == accumulation, metrics, the penalty applied
+once, data and model randomness kept apart, diverging runs and damaged checkpoints stopped with clear errors,
+--compile, CIFAR-100."""
 
 import json
 import math
@@ -24,12 +25,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from tests.helpers import make_image_folder
-from timm_nam.cli import main
+from lab.train import main
+from lab.trainer.data import GlobalBatchSampler, SeededDataset, build_datasets, train_loader
+from lab.trainer.loop import create_lr_scheduler
+from lab.trainer.recipes import get_recipe
+from tests.helpers import lab_env, make_image_folder
 from timm_nam.penalty import nam_scales
-from timm_nam.training.data import GlobalBatchSampler, SeededDataset, build_datasets, train_loader
-from timm_nam.training.loop import create_lr_scheduler
-from timm_nam.training.recipes import get_recipe
 
 # a small NAM model at 32 px: seconds per epoch on 2 CPU cores
 BASE = [
@@ -58,11 +59,11 @@ def data_dir(tmp_path_factory):
 
 
 def _cmd(*args):
-    return [sys.executable, '-m', 'timm_nam', 'train', *args]
+    return [sys.executable, '-m', 'lab.train', *args]
 
 
 def _run(args, **kw):
-    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    env = lab_env({**os.environ, 'OMP_NUM_THREADS': '1'})
     return subprocess.run(args, capture_output=True, text=True, timeout=900, env=env, **kw)
 
 
@@ -145,7 +146,7 @@ def test_killed_and_resumed_run_equals_uninterrupted(data_dir, tmp_path, schedul
         _cmd(*BASE, '--data-dir', str(data_dir), '-o', str(killed), *epochs),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env={**os.environ, 'OMP_NUM_THREADS': '1'},
+        env=lab_env({**os.environ, 'OMP_NUM_THREADS': '1'}),
     )
     metrics = killed / 'metrics.json'
     deadline = time.time() + 600
@@ -250,8 +251,7 @@ def test_ddp_two_processes_equal_one_process_same_global_batch(data_dir, tmp_pat
             '--master_port',
             str(_free_port()),
             '-m',
-            'timm_nam',
-            'train',
+            'lab.train',
             *common,
             '-o',
             str(tmp_path / 'ddp'),
@@ -412,7 +412,7 @@ def test_cifar_augmentation_shifts_the_validation_view_of_larger_images(tmp_path
 
 
 def _first_step_grads(argv):
-    """Every parameter's gradient as the first ``optimizer.step()`` of an in-process ``timm-nam train`` used it."""
+    """Every parameter's gradient as the first ``optimizer.step()`` of an in-process ``python -m lab.train`` used it."""
     grads = []
 
     def record(optimizer, args, kwargs):
@@ -421,7 +421,7 @@ def _first_step_grads(argv):
 
     handle = register_optimizer_step_post_hook(record)
     try:
-        assert main(['train', *argv]) == 0
+        assert main([*argv]) == 0
     finally:
         handle.remove()
     return grads
@@ -445,26 +445,24 @@ def test_penalty_as_model_kwarg_is_applied_once(data_dir, tmp_path):
 
 def test_penalty_flag_and_model_kwarg_must_agree(data_dir, tmp_path, capsys):
     argv = [*BASE, '--data-dir', str(data_dir), '-o', str(tmp_path / 'x'), '--epochs', '1']
-    assert main(['train', *argv, '--model-kwargs', 'nam_penalty=0.01']) == 2
+    assert main([*argv, '--model-kwargs', 'nam_penalty=0.01']) == 2
     assert 'two different penalties asked for: p = 0.001 and the model kwarg nam_penalty = 0.01' in (
         capsys.readouterr().err
     )
 
 
 def test_only_bad_input_is_a_one_line_error(data_dir, tmp_path, capsys, monkeypatch):
-    argv = ['train', *BASE, '--data-dir', str(data_dir), '-o', str(tmp_path / 'x'), '--epochs', '1']
+    argv = [*BASE, '--data-dir', str(data_dir), '-o', str(tmp_path / 'x'), '--epochs', '1']
     assert main([*argv, '--model-kwargs', 'no_such_kwarg=1']) == 2
     err = capsys.readouterr().err
-    assert err.startswith(
-        "timm-nam train: error: resnet18_nam cannot be built with the model kwargs {'no_such_kwarg': 1}"
-    )
+    assert err.startswith("lab.train: error: resnet18_nam cannot be built with the model kwargs {'no_such_kwarg': 1}")
     assert "unexpected keyword argument 'no_such_kwarg'" in err
 
     def broken(*args, **kwargs):
         raise TypeError('a fault inside timm-nam')
 
     # a TypeError that is not about the input is a fault to debug: it keeps its traceback
-    monkeypatch.setattr('timm_nam.training.loop.build_datasets', broken)
+    monkeypatch.setattr('lab.trainer.loop.build_datasets', broken)
     with pytest.raises(TypeError, match='a fault inside timm-nam'):
         main(argv)
 
@@ -486,7 +484,7 @@ def test_resume_from_a_damaged_checkpoint_is_a_clear_error(data_dir, tmp_path):
     last.write_bytes(intact[: len(intact) // 2])  # as a full disk or a cut-off copy leaves it
     proc = _run(_cmd(*argv, '--epochs', '2', '--resume', str(run)))
     assert proc.returncode == 2 and 'Traceback' not in proc.stderr
-    assert f'timm-nam train: error: {last} is damaged and cannot be read' in proc.stderr
+    assert f'lab.train: error: {last} is damaged and cannot be read' in proc.stderr
     assert f'delete last.safetensors and last_state.pt from {run} to train that run afresh' in proc.stderr
 
 
@@ -499,7 +497,7 @@ def test_diverging_run_stops_and_keeps_the_last_finite_checkpoints(data_dir, tmp
     proc = _run(_cmd(*argv, '--epochs', '3', '--resume', str(run)))
     assert proc.returncode == 1 and 'Traceback' not in proc.stderr
     assert re.search(
-        r'timm-nam train: error: the loss is (nan|inf) at epoch 2, step \d \(lr 1e\+08\): training '
+        r'lab.train: error: the loss is (nan|inf) at epoch 2, step \d \(lr 1e\+08\): training '
         r'diverged\. Try a lower learning rate \(--lr\)',
         proc.stderr,
     ), proc.stderr[-2000:]
@@ -558,10 +556,7 @@ def test_trains_on_torch_cifar100(tmp_path, monkeypatch):
     assert image.shape == (3, 32, 32) and label == 1
     out = tmp_path / 'run'
     argv = ['-m', 'resnet18_nam', '--dataset', 'torch/cifar100', '--data-dir', str(root), '-o', str(out)]
-    assert (
-        main(['train', *argv, '--recipe', 'cifar', '-b', '8', '--epochs', '1', '--workers', '0', '--device', 'cpu'])
-        == 0
-    )
+    assert main([*argv, '--recipe', 'cifar', '-b', '8', '--epochs', '1', '--workers', '0', '--device', 'cpu']) == 0
     assert json.loads((out / 'args.json').read_text())['num_classes'] == 100
     assert load_file(str(out / 'last.safetensors'))['fc.weight'].shape == (100, 512)
     assert [r['epoch'] for r in json.loads((out / 'metrics.json').read_text())] == [0]

@@ -1,8 +1,8 @@
-"""The Hub model card of a ``timm-nam train`` run: its metadata through huggingface_hub's `ModelCardData`, its text
-from the run's records (args.json, metrics.json) and the model itself; nothing in it is typed in by hand."""
+"""The Hub model card of a model trained with timm's ``train.py``: its metadata through huggingface_hub's
+`ModelCardData`, its text from the run's records (``args.yaml``, ``summary.csv``) and the model itself; nothing in it
+is typed in by hand."""
 
 from string import Template
-from typing import List
 
 import torch
 import torch.nn as nn
@@ -12,6 +12,7 @@ from .flops import count_flops
 from .layers import NAMChannel, NAMSpatial
 from .models._cfg import hub_id
 from .sparsity import scale_stats
+from .train_run import TrainRun
 
 __all__ = ['render_model_card']
 
@@ -21,12 +22,12 @@ TAGS = ['image-classification', 'timm', 'timm-nam', 'nam', 'attention']
 CARD_TEXT = Template("""\
 # Model card for $repo_name
 
-`$name` (timm-nam) trained on $dataset_name at ${img}x${img} px. NAM (Normalization-based Attention Module, \
-arXiv:2111.12419) gates features with their own batch-norm scales; an L1 penalty on those scales (p = $penalty_p) \
-pushes unimportant channels/pixels toward zero.
+`$name` (timm-nam) trained on $dataset_name at ${img}x${img} px with timm's `train.py`. NAM (Normalization-based \
+Attention Module, arXiv:2111.12419) gates features with their own batch-norm scales; an L1 penalty on those scales \
+(p = $penalty_p) pushes unimportant channels/pixels toward zero.
 
-**Scale of this run:** $num_epochs epochs on $world_size $device process(es), $minutes minutes of training. It \
-demonstrates the pipeline; its accuracy is not comparable to the paper's ImageNet/CIFAR-100 results.
+**Scale of this run:** $num_epochs epochs. Its accuracy is not comparable to the paper's ImageNet/CIFAR-100 results \
+unless the recipe below is theirs.
 
 ## Model details
 - **Architecture:** `$name` — $model_class, $params parameters
@@ -34,13 +35,11 @@ demonstrates the pipeline; its accuracy is not comparable to the paper's ImageNe
 $gmacs G multiply-adds only
 - **Input:** ${img}x${img}, mean $mean, std $std$fixed_size
 - **Classes:** $num_classes
-- **Dataset:** $dataset_name (train split for training, val split for the results below)
-- **Recipe:** `$recipe_name` with these values (flags override the named recipe):
-  - epochs $epochs, global batch $batch_size, opt $opt (momentum $momentum), lr $lr, weight decay $weight_decay, \
-schedule $sched (warmup $warmup_epochs epochs), label smoothing $smoothing, augmentation $aug, seed $seed
-  - NAM sparsity penalty p = $penalty_p, AMP $amp, EMA $model_ema
-- **Software:** torch $torch_version, timm $timm_version
-- **Weights file:** from `$checkpoint_name` (epoch $reported_epoch)
+- **Dataset:** $dataset_name (train split for training, validation split for the results below)
+- **Recipe** (train.py's arguments, all in `args.yaml`): epochs $epochs, batch $batch_size, opt $opt \
+(momentum $momentum), lr $lr, weight decay $weight_decay, schedule $sched (warmup $warmup_epochs epochs), label \
+smoothing $smoothing, seed $seed, AMP $amp, EMA $model_ema; NAM sparsity penalty p = $penalty_p
+- **Weights file:** from `$checkpoint_name`
 
 ## Results (measured on the validation split)
 
@@ -48,10 +47,10 @@ schedule $sched (warmup $warmup_epochs epochs), label smoothing $smoothing, augm
 |---|---:|---:|---:|---:|
 $results
 
-<details><summary>Per-epoch metrics</summary>
+<details><summary>Per-epoch metrics (summary.csv)</summary>
 
-| epoch | lr | train loss | penalty | train top-1 | val top-1 | val top-5 | img/s |
-|---:|---:|---:|---:|---:|---:|---:|---:|
+| epoch | lr | train loss | val loss | val top-1 | val top-5 |
+|---:|---:|---:|---:|---:|---:|
 $epochs_table
 
 </details>
@@ -61,7 +60,6 @@ $nam_summary
 ```python
 import timm  # with timm-nam installed (pip install timm-nam)
 model = timm.create_model('hf-hub:$repo', pretrained=True).eval()
-# releases of timm-nam after this upload also register it as timm.create_model('$repo_name', ...)
 cfg = timm.data.resolve_data_config({}, model=model)
 transform = timm.data.create_transform(**cfg)
 ```
@@ -79,13 +77,13 @@ transform = timm.data.create_transform(**cfg)
 """)
 
 
-def render_model_card(
-    model: nn.Module, name: str, tag: str, args: dict, metrics: List[dict], dataset_name: str, checkpoint_name: str
-) -> str:
+def render_model_card(model: nn.Module, name: str, tag: str, run: TrainRun, dataset_name: str) -> str:
     """The README.md of an export: YAML metadata (model-index with the reported accuracy) and the card's text."""
-    best = max(metrics, key=lambda r: r['val_top1'])
-    final = metrics[-1]
-    reported = best if checkpoint_name.startswith('best') else final
+    rows = [r for r in run.summary if 'eval_top1' in r]
+    if not rows:
+        raise ValueError(f'{run.directory / "summary.csv"} has no evaluated epoch (eval_top1) to report')
+    best = max(rows, key=lambda r: r['eval_top1'])
+    reported = _reported_epoch(run, rows, best)
     data = ModelCardData(
         library_name='timm',
         license=model.pretrained_cfg.get('license', 'apache-2.0'),
@@ -101,34 +99,41 @@ def render_model_card(
                 dataset_name=dataset_name,
                 metric_type='accuracy',
                 metric_name=f'top-{k} accuracy',
-                metric_value=round(reported[f'val_top{k}'], 2),
+                metric_value=round(reported[f'eval_top{k}'], 2),
             )
             for k in (1, 5)
         ],
     )
-    text = CARD_TEXT.substitute(
-        _card_fields(model, name, tag, args, metrics, dataset_name, checkpoint_name, reported, best, final)
-    )
+    text = CARD_TEXT.substitute(_card_fields(model, name, tag, run, dataset_name, rows, reported, best))
     return str(ModelCard(f'---\n{data.to_yaml()}\n---\n{text}'))
 
 
-def _card_fields(model, name, tag, args, metrics, dataset_name, checkpoint_name, reported, best, final) -> dict:
-    recipe = args['recipe']
-    img = recipe['img_size']
+def _reported_epoch(run: TrainRun, rows, best):
+    """The summary row of the epoch the exported checkpoint holds: the best, the last, or checkpoint-N's."""
+    stem = run.checkpoint.name.split('.')[0]
+    if stem == 'model_best':
+        return best
+    if stem.startswith('checkpoint-') and stem[len('checkpoint-') :].isdigit():
+        epoch = int(stem[len('checkpoint-') :])
+        return next((r for r in rows if int(r['epoch']) == epoch), rows[-1])
+    return rows[-1]
+
+
+def _card_fields(model, name, tag, run: TrainRun, dataset_name, rows, reported, best) -> dict:
+    args = run.args
+    img = model.pretrained_cfg['input_size'][-1] if run.input_size is None else run.input_size[-1]
     flops = count_flops(model, (3, img, img))
     cfg = model.pretrained_cfg
+    recipe = ('epochs', 'batch_size', 'opt', 'momentum', 'lr', 'weight_decay', 'sched', 'warmup_epochs', 'smoothing')
     return dict(
-        recipe,
+        {k: args.get(k) for k in recipe + ('seed', 'amp', 'model_ema')},
         repo=hub_id(name, tag),
         repo_name=f'{name}.{tag}',
         name=name,
         dataset_name=dataset_name,
         img=img,
-        penalty_p=args.get('penalty_p'),
-        num_epochs=len(metrics),
-        world_size=args.get('world_size', 1),
-        device='GPU' if 'cuda' in str(args.get('device_used', '')) else 'CPU',
-        minutes=f'{sum(r["epoch_time_s"] for r in metrics) / 60:.1f}',
+        penalty_p=(args.get('model_kwargs') or {}).get('nam_penalty', 0),
+        num_epochs=len(run.summary),
         model_class=type(model).__name__,
         params=f'{sum(p.numel() for p in model.parameters()):,}',
         paper_gflops=f'{flops.paper_flops / 1e9:.3f}',
@@ -137,21 +142,15 @@ def _card_fields(model, name, tag, args, metrics, dataset_name, checkpoint_name,
         std=tuple(round(v, 4) for v in cfg['std']),
         fixed_size=', fixed size (pixel attention)' if cfg.get('fixed_input_size') else '',
         num_classes=model.num_classes,
-        recipe_name=args.get('recipe_name'),
-        amp=args.get('amp'),
-        model_ema=args.get('model_ema'),
-        torch_version=args.get('torch'),
-        timm_version=args.get('timm'),
-        checkpoint_name=checkpoint_name,
-        reported_epoch=reported['epoch'] + 1,
+        checkpoint_name=run.checkpoint.name,
         results='\n'.join(
-            f'| {label} | {r["epoch"] + 1} | {r["val_top1"]:.2f} | {r["val_top5"]:.2f} | {r["val_loss"]:.4f} |'
-            for label, r in (('these weights', reported), ('best epoch', best), ('final epoch', final))
+            f'| {label} | {int(r["epoch"]) + 1} | {r["eval_top1"]:.2f} | {r["eval_top5"]:.2f} | {r["eval_loss"]:.4f} |'
+            for label, r in (('these weights', reported), ('best epoch', best), ('final epoch', rows[-1]))
         ),
         epochs_table='\n'.join(
-            f'| {r["epoch"] + 1} | {r["lr"]:.4g} | {r["train_loss"]:.4f} | {r["train_penalty"]:.4f} | '
-            f'{r["train_top1"]:.2f} | {r["val_top1"]:.2f} | {r["val_top5"]:.2f} | {r["img_per_s"]:.0f} |'
-            for r in metrics
+            f'| {int(r["epoch"]) + 1} | {r.get("lr", float("nan")):.4g} | {r["train_loss"]:.4f} | '
+            f'{r["eval_loss"]:.4f} | {r["eval_top1"]:.2f} | {r["eval_top5"]:.2f} |'
+            for r in rows
         ),
         nam_summary=_nam_summary(model),
     )

@@ -1,16 +1,14 @@
-"""Hugging Face Hub form: export a trained checkpoint and publish it.
+"""Hugging Face Hub form: export a model trained with timm's ``train.py`` and publish it.
 
-* `export_checkpoint`: ``model.safetensors`` + ``config.json`` exactly as timm's ``save_for_hf`` writes them, a
-  model card ``README.md`` (`timm_nam.card`) generated from the run's recorded args and metrics, and those records
-  (``training_args.json``, ``training_metrics.json``).
+* `export_run`: ``model.safetensors`` + ``config.json`` exactly as timm's ``save_for_hf`` writes them, a model card
+  ``README.md`` (`timm_nam.card`) generated from the run's ``args.yaml`` and ``summary.csv``, and those records.
 * `publish`: upload such a directory with huggingface_hub; ``dry_run`` lists what would go, offline.
-
-The training package is imported only by `export_checkpoint`, which reads its checkpoints.
 """
 
 import hashlib
 import json
 import os
+import shutil
 import stat
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -20,11 +18,12 @@ from timm.models._pretrained import filter_pretrained_cfg
 
 from .card import render_model_card
 from .models._cfg import HF_ORG, hub_id
+from .train_run import create_model_from_run, read_run
 
 __all__ = [
     'HF_ORG',
     'hub_id',
-    'export_checkpoint',
+    'export_run',
     'render_model_card',
     'publish',
     'upload_plan',
@@ -32,6 +31,7 @@ __all__ = [
 
 REQUIRED_FILES = ('config.json', 'model.safetensors', 'README.md')
 PICKLE_SUFFIXES = ('.bin', '.pth', '.pt', '.pkl', '.ckpt', '.tar')
+RECORDS = ('args.yaml', 'summary.csv')
 
 
 def _label_names(data_dir: Optional[str]) -> Optional[List[str]]:
@@ -41,53 +41,43 @@ def _label_names(data_dir: Optional[str]) -> Optional[List[str]]:
     return None
 
 
-def export_checkpoint(checkpoint, out_dir, tag: str, dataset_name: Optional[str] = None) -> Path:
-    """Write the Hub layout for a ``timm-nam train`` checkpoint, or a run directory's last.safetensors (the run
-    directory supplies args/metrics)."""
-    from .training.checkpoint import create_model_from_checkpoint, resolve_checkpoint
-
-    checkpoint = resolve_checkpoint(checkpoint)
-    run_dir = checkpoint.parent
-    args_file, metrics_file = run_dir / 'args.json', run_dir / 'metrics.json'
-    for f in (args_file, metrics_file):
-        if not f.is_file():
-            raise FileNotFoundError(f'{f} is missing: export needs the run directory written by timm-nam train')
-    args = json.loads(args_file.read_text())
-    metrics = json.loads(metrics_file.read_text())
-    model, meta = create_model_from_checkpoint(checkpoint)
-    model.eval()
-    name = meta['model']
-    img_size = args['recipe']['img_size']
+def export_run(run_path, out_dir, tag: str, dataset_name: Optional[str] = None, ema: bool = False) -> Path:
+    """Write the Hub layout for a model trained by timm's ``train.py``: ``run_path`` is its output directory (which
+    stands for its model_best.pth.tar, else last.pth.tar) or a checkpoint file in it; ``ema`` exports the EMA
+    weights. The config records the input size the run trained at."""
+    run = read_run(run_path)
+    model = create_model_from_run(run, ema=ema)
+    name = run.args['model']
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    dataset_name = dataset_name or Path(args['data_dir']).name
+    data_dir = run.args.get('data_dir') or run.args.get('data')
+    dataset_name = dataset_name or Path(data_dir or 'unknown').name
     model_config = {}
-    labels = _label_names(args.get('data_dir'))
+    labels = _label_names(data_dir)
     if labels and len(labels) == model.num_classes:
         model_config['label_names'] = labels
-    # The whole cfg, not only what changes: timm before 1.0.2x writes model_config['pretrained_cfg'] in place of the
-    # model's cfg, later releases merge it into that cfg.
+    # The whole cfg, given both ways: timm before 1.0.2x writes model_config['pretrained_cfg'] in place of the model's
+    # cfg, later releases merge it into the model's.
     pretrained_cfg = filter_pretrained_cfg(model.pretrained_cfg, remove_source=True, remove_null=True)
-    pretrained_cfg.pop('architecture', None)
-    pretrained_cfg.update(
-        {
-            'hf_hub_id': hub_id(name, tag),
-            'tag': tag,
-            'input_size': (3, img_size, img_size),
-            'crop_pct': 1.0 if args['recipe']['aug'] == 'cifar' else model.pretrained_cfg.get('crop_pct', 0.875),
-        }
-    )
-    if tuple(pretrained_cfg['input_size']) != tuple(model.pretrained_cfg['input_size']):
+    for key in ('architecture', 'notes', 'test_input_size', 'test_crop_pct'):  # facts of other weights
+        pretrained_cfg.pop(key, None)
+    pretrained_cfg.update(hf_hub_id=hub_id(name, tag), tag=tag, num_classes=model.num_classes)
+    for key in ('crop_pct', 'interpolation', 'mean', 'std'):
+        if run.args.get(key) is not None:
+            pretrained_cfg[key] = tuple(run.args[key]) if isinstance(run.args[key], list) else run.args[key]
+    if run.input_size and tuple(run.input_size) != tuple(pretrained_cfg['input_size']):
+        pretrained_cfg['input_size'] = tuple(run.input_size)
         pretrained_cfg.pop('pool_size', None)
     model_config['pretrained_cfg'] = pretrained_cfg
-    # the input size a fixed-size model was built for (timm >= 1.0.2x records constructor args itself; older not)
-    model_args = {'img_size': list(model.img_size)} if hasattr(model, 'img_size') else None
+    model.pretrained_cfg = model.default_cfg = dict(pretrained_cfg, architecture=name)  # newer timm merge into it
+    # the input size a fixed-size model (pixel attention) was built for; the others take any size
+    model_args = {'img_size': list(model.img_size)} if pretrained_cfg.get('fixed_input_size') else None
     save_for_hf(model, out_dir, model_config=model_config, model_args=model_args, safe_serialization=True)
     # safetensors writes its file 0600; it gets the permissions of the export's other files (the umask's)
     os.chmod(out_dir / 'model.safetensors', stat.S_IMODE((out_dir / 'config.json').stat().st_mode))
-    (out_dir / 'training_args.json').write_text(json.dumps(args, indent=1))
-    (out_dir / 'training_metrics.json').write_text(json.dumps(metrics, indent=1))
-    card = render_model_card(model, name, tag, args, metrics, dataset_name, checkpoint.name)
+    for record in RECORDS:
+        shutil.copyfile(run.directory / record, out_dir / record)
+    card = render_model_card(model, name, tag, run, dataset_name)
     (out_dir / 'README.md').write_text(card)
     return out_dir
 

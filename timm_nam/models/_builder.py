@@ -61,7 +61,7 @@ def build_nam_model(model_cls, variant: str, pretrained: bool, **kwargs):
     except Exception as e:
         if not (pretrained and _raised_while_loading(e)):
             raise  # a bad kwarg is the caller's error, not the weights'
-        source = cfg.hf_hub_id or cfg.file or cfg.url or 'its pretrained cfg'
+        source = cfg.file or cfg.hf_hub_id or cfg.url or 'its pretrained cfg'  # in the order timm's loader tries them
         raise RuntimeError(
             f'Could not load pretrained weights for {variant} ({cfg.tag or "default"} tag) from {source}: {e}'
         ) from e

@@ -1,4 +1,4 @@
-"""``timm-nam train``: timm's data, optimizer, scheduler, EMA and AMP pieces around one exact training loop.
+"""``python -m lab.train``: timm's data, optimizer, scheduler, EMA and AMP pieces around one exact training loop.
 
 Train any timm-nam model, or any timm model (baselines), with the NAM sparsity penalty as a loss term
 (`timm_nam.NAMSparsityLoss`). Runs under ``torchrun`` with DDP (gloo on CPU, nccl on CUDA); ``--batch-size`` is
@@ -33,7 +33,8 @@ try:  # progress bars come with the 'train' extra; without it, one line per epoc
 except ImportError:
     tqdm = None
 
-from ..penalty import NAMSparsityLoss, resolve_penalty
+from timm_nam.penalty import NAMSparsityLoss, resolve_penalty
+
 from .checkpoint import (
     STATE_LAST,
     WEIGHTS_BEST,

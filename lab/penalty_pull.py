@@ -2,7 +2,7 @@
 the penalty's gradient p·sign(γ) and nothing else, under a recipe's optimizer (momentum, and the weight-decay rule for
 norm weights) and lr schedule, stepped as the training loop steps them.
 
-    python scripts/penalty_pull.py --recipe imagenet --img-size 64 --epochs 10 --warmup-epochs 1 --sched-on-updates \
+    python -m lab.penalty_pull --recipe imagenet --img-size 64 --epochs 10 --warmup-epochs 1 --sched-on-updates \
         --lr 0.05 --weight-decay 1e-4 --steps-per-epoch 147 --penalty 1e-4 1e-3 1e-2
 
 Set beside a trained model's scales (``timm-nam sparsity RUN_DIR``), it tells how much of their movement came from
@@ -14,8 +14,8 @@ import argparse
 import torch
 import torch.nn as nn
 
-from timm_nam.training.loop import create_lr_scheduler, create_optimizer
-from timm_nam.training.recipes import Recipe, get_recipe
+from lab.trainer.loop import create_lr_scheduler, create_optimizer
+from lab.trainer.recipes import Recipe, get_recipe
 
 
 def penalty_only_scale(recipe: Recipe, steps_per_epoch: int, p: float) -> float:

@@ -1,4 +1,4 @@
-"""Named training recipes for ``timm-nam train``; every field can be overridden by a flag."""
+"""Named training recipes for ``python -m lab.train``; every field can be overridden by a flag."""
 
 from dataclasses import dataclass, field, fields, replace
 from typing import Tuple

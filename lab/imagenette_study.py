@@ -1,11 +1,11 @@
-"""The Imagenette comparison of NAM against its baselines, run through ``timm-nam train``; resumable.
+"""The Imagenette comparison of NAM against its baselines, run through ``python -m lab.train``; resumable.
 
 Every (model, seed) run appends one row to ``results/imagenette_study/runs.csv``; rows already there are skipped,
-so the study can be run in pieces. ``scripts/summarize_study.py`` turns the rows into mean ± std tables and a plot.
+so the study can be run in pieces. ``lab/summarize_study.py`` turns the rows into mean ± std tables and a plot.
 
-    python scripts/imagenette_study.py --data-dir ../shared/data/imagenette2-224            # everything missing
-    python scripts/imagenette_study.py --data-dir ... --family mobilenetv2 --max-runs 2     # a slice
-    python scripts/imagenette_study.py --data-dir ... --models mobilenetv2_100_nam mobilenetv2_100 --list
+    python -m lab.imagenette_study --data-dir ../shared/data/imagenette2-224            # everything missing
+    python -m lab.imagenette_study --data-dir ... --family mobilenetv2 --max-runs 2     # a slice
+    python -m lab.imagenette_study --data-dir ... --models mobilenetv2_100_nam mobilenetv2_100 --list
 
 One recipe per family; NAM models get the paper's penalty (1e-3 MobileNetV2, 1e-4 ResNet), baselines none.
 - mobilenetv2, resnet18 (CPU scale, the default): 64 px, 10 epochs, batch 64, SGD cosine with 1 warmup epoch stepped
@@ -17,7 +17,7 @@ One recipe per family; NAM models get the paper's penalty (1e-3 MobileNetV2, 1e-
   ResNet-50 at 224 px; one seed of all five took 12 minutes on an H200, and NAM spatial needs more than 83 GiB at
   batch 128 (not an 80-GB H100). An early-training comparison, labelled as such; it cannot confirm or refute Table 1.
 
-    python scripts/imagenette_study.py --data-dir ... --family resnet50_cifar --seeds 1 --workers 12 --max-runs 2
+    python -m lab.imagenette_study --data-dir ... --family resnet50_cifar --seeds 1 --workers 12 --max-runs 2
 """
 
 import argparse
@@ -129,7 +129,7 @@ FIELDS = [
 
 def split_spec(spec: str):
     """'name:k=v,k=v' -> ('name', {'k': literal v, ...}): a registered model with constructor kwargs (``--model-kwargs``
-    of timm-nam train); the whole spec is the row's model."""
+    of lab.train); the whole spec is the row's model."""
     name, _, options = spec.partition(':')
     kwargs = {}
     for item in filter(None, options.split(',')):
@@ -188,8 +188,7 @@ def run_one(family: str, model: str, seed: int, data_dir: str, runs_dir: Path, w
     cmd = [
         sys.executable,
         '-m',
-        'timm_nam',
-        'train',
+        'lab.train',
         '-m',
         name,
         '--data-dir',
@@ -206,7 +205,7 @@ def run_one(family: str, model: str, seed: int, data_dir: str, runs_dir: Path, w
         cmd += ['--model-kwargs', *(f'{k}={v!r}' for k, v in model_kwargs.items())]
     if (out / 'last_state.pt').is_file():
         cmd += ['--resume', str(out)]
-    subprocess.run(cmd, check=True)
+    subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parents[1])  # python -m lab.train
     metrics = json.loads((out / 'metrics.json').read_text())
     args = json.loads((out / 'args.json').read_text())
     img_size = args['recipe']['img_size']

@@ -1,8 +1,8 @@
-"""Compare timm-nam train runs that differ in the sparsity penalty: accuracy, scale sparsity, plots.
+"""Compare lab.train runs that differ in the sparsity penalty: accuracy, scale sparsity, plots.
 
-    python scripts/summarize_penalty_runs.py RUN_DIR [RUN_DIR ...] --out results/imagenette_penalty
+    python -m lab.summarize_penalty_runs RUN_DIR [RUN_DIR ...] --out results/imagenette_penalty
 
-For each run directory (written by ``timm-nam train``) it copies metrics.csv, computes the NAM scale statistics
+For each run directory (written by ``python -m lab.train``) it copies metrics.csv, computes the NAM scale statistics
 of last.safetensors (``timm-nam sparsity``) and writes summary.md plus curves.png (validation top-1 per epoch)
 and scales.png (distribution of |γ| and |λ| per run).
 """
@@ -18,8 +18,8 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from lab.trainer.checkpoint import create_model_from_checkpoint  # noqa: E402
 from timm_nam.sparsity import plot_stats, scale_stats, write_stats  # noqa: E402
-from timm_nam.training.checkpoint import create_model_from_checkpoint  # noqa: E402
 
 
 def main():

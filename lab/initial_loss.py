@@ -1,7 +1,7 @@
 """Cross-entropy and logit std of freshly initialized models on a fixed batch of training images, per seed: shows
 how far from ln(num_classes) each seed's initialization starts (the Imagenette study's seed-2 collapse).
 
-    python scripts/initial_loss.py --data-dir ../shared/data/imagenette2-224 --models mobilenetv2_100 mobilenetv2_100_se
+    python -m lab.initial_loss --data-dir ../shared/data/imagenette2-224 --models mobilenetv2_100 mobilenetv2_100_se
 """
 
 import argparse

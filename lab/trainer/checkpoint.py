@@ -1,4 +1,4 @@
-"""Checkpoints of ``timm-nam train``.
+"""Checkpoints of ``python -m lab.train``.
 
 Weights go to safetensors (``last.safetensors``, ``best.safetensors``, ``last_ema.safetensors``) with the
 model name and kwargs in the file's metadata. Everything needed to resume exactly (optimizer, scheduler,
@@ -76,7 +76,7 @@ def resolve_checkpoint(path, name: str = WEIGHTS_LAST) -> Path:
     if p.is_dir():
         p = p / name
         if not p.is_file():
-            raise FileNotFoundError(f'No checkpoint in {path}: expected {p} (a run directory of timm-nam train)')
+            raise FileNotFoundError(f'No checkpoint in {path}: expected {p} (a run directory of lab.train)')
     elif not p.is_file():
         raise FileNotFoundError(f'No checkpoint at {p}')
     return p
@@ -192,7 +192,7 @@ def resolve_resume(resume) -> Tuple[Path, Path]:
 
 
 def create_model_from_checkpoint(path, model_name: Optional[str] = None) -> Tuple[nn.Module, Dict[str, str]]:
-    """Rebuild the model a ``timm-nam train`` checkpoint (a file, or a run directory: its last.safetensors) was
+    """Rebuild the model a ``python -m lab.train`` checkpoint (a file, or a run directory: its last.safetensors) was
     saved from and load its weights.
 
     The model name and kwargs come from the file's metadata (``model_name`` overrides the name); older

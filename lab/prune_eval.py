@@ -3,7 +3,7 @@ channels — those with the smallest |γ| of the gate (the paper's importance), 
 output the gate takes (network slimming's criterion, which the plain network has as well) or a random draw of the
 same size — and measure top-1 on the full validation split.
 
-    python scripts/prune_eval.py DATA_ROOT RUN_DIR [RUN_DIR ...] [--fractions 0.1 0.3] [--draws 2] [--csv OUT.csv]
+    python -m lab.prune_eval DATA_ROOT RUN_DIR [RUN_DIR ...] [--fractions 0.1 0.3] [--draws 2] [--csv OUT.csv]
         [--layers-csv LAYERS.csv]
 
 Zeroing a gate's output channel removes that channel of the block's residual branch (what channel pruning of the
@@ -24,10 +24,10 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from timm_nam.layers import NAMChannel
-from timm_nam.training.checkpoint import create_model_from_checkpoint
-from timm_nam.training.data import build_datasets
-from timm_nam.training.loop import evaluate
+from lab.trainer.checkpoint import create_model_from_checkpoint
+from lab.trainer.data import build_datasets
+from lab.trainer.loop import evaluate
+from timm_nam.layers import NAMChannel, NormNAM
 
 FIELDS = ['run', 'order', 'fraction', 'draw', 'pruned_channels', 'total_channels', 'top1', 'top5']
 LAYER_FIELDS = [
@@ -46,33 +46,11 @@ LAYER_FIELDS = [
 ORDERS = ('smallest', 'norm', 'random')
 
 
-def gated_norms(model: nn.Module, x: torch.Tensor) -> Dict[str, nn.Module]:
-    """For each NAM channel gate, the batch norm whose output it gates: the norm whose activation slot holds the gate
-    (MobileNetV2), or else the norm whose output tensor is the gate's input when ``x`` runs through (ResNet)."""
-    modules = dict(model.named_modules())
-    gates = {n: m for n, m in modules.items() if isinstance(m, NAMChannel)}
-    norms = {
-        n: m
-        for n, m in modules.items()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(n.startswith(g + '.') for g in gates)
+def gated_norms(model: nn.Module) -> Dict[str, nn.Module]:
+    """For each NAM channel gate, the batch norm whose output it gates: the norm it sits with (`NormNAM`)."""
+    return {
+        f'{n}.nam': m.norm for n, m in model.named_modules() if isinstance(m, NormNAM) and isinstance(m.nam, NAMChannel)
     }
-    found = {n: norms[n.rsplit('.', 1)[0]] for n in gates if n.endswith('.act') and n.rsplit('.', 1)[0] in norms}
-    inputs, outputs = {}, {}
-    handles = [m.register_forward_hook(lambda mod, i, o, n=n: inputs.__setitem__(n, i[0])) for n, m in gates.items()]
-    handles += [m.register_forward_hook(lambda mod, i, o, n=n: outputs.__setitem__(n, o)) for n, m in norms.items()]
-    try:
-        with torch.no_grad():
-            model.eval()(x)
-    finally:
-        for h in handles:
-            h.remove()
-    for g in gates:
-        if g not in found:
-            source = [n for n, out in outputs.items() if out is inputs.get(g)]
-            if not source:
-                raise ValueError(f'the input of NAM gate {g!r} is not the output of a batch norm')
-            found[g] = norms[source[0]]
-    return found
 
 
 def layer_scales(run: str, model: nn.Module, norms: Dict[str, nn.Module]) -> list:
@@ -112,7 +90,7 @@ def channel_masks(
     if order not in ORDERS:
         raise ValueError(f'order must be one of {ORDERS}, got {order!r}')
     if order == 'norm' and norms is None:
-        raise ValueError("order='norm' needs the gated norms (gated_norms(model, x))")
+        raise ValueError("order='norm' needs the gated norms (gated_norms(model))")
     masks = {}
     for name, m in model.named_modules():
         if isinstance(m, NAMChannel):
@@ -178,7 +156,7 @@ def main():
             print(row, flush=True)
             rows.append(row)
 
-        norms = gated_norms(model, torch.zeros(1, 3, cfg['recipe']['img_size'], cfg['recipe']['img_size']))
+        norms = gated_norms(model)
         layer_rows += layer_scales(Path(run).name, model, norms)
         measure('none', 0.0, '', {})
         print(f'{Path(run).name}: unpruned top-1 {rows[-1]["top1"]:.3f}, at the end of training {recorded:.3f}')

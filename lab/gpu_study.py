@@ -1,7 +1,7 @@
 """The Imagenette study at 128 px on one GPU, with the data decoded once and kept on the GPU.
 
-    python scripts/gpu_study.py pack <imagenette2-224> data128/imagenette128.tar   # 128-px JPEGs: 2 shards, 99 MB
-    python scripts/gpu_study.py run data128/imagenette128_*.tar [--models ...] [--seeds ...]
+    python -m lab.gpu_study pack <imagenette2-224> data128/imagenette128.tar   # 128-px JPEGs: 2 shards, 99 MB
+    python -m lab.gpu_study run data128/imagenette128_*.tar [--models ...] [--seeds ...]
 
 ``run`` decodes the packed JPEGs on the GPU once (``torchvision.io.decode_jpeg``), keeps the uint8 images there, and
 trains every (model, seed) not yet in the CSV: random crop (padding 16) and flip on the GPU, bf16 autocast,
@@ -14,7 +14,7 @@ seconds.
 
 On a remote GPU machine whose calls carry at most 64 MiB each: pack into ``data128/`` (ignored by git) here; the
 first call carries shard 0 and only starts the machine, the second carries shard 1 and runs
-``python scripts/gpu_study.py run data128/imagenette128_*.tar --csv data128/runs.csv --deadline 540;
+``python -m lab.gpu_study run data128/imagenette128_*.tar --csv data128/runs.csv --deadline 540;
 cp data128/runs.csv $OUT/``; further calls on the warm machine repeat it (the CSV stays there and says which runs
 are done) until no run is left. Append the returned rows to ``results/imagenette_study/runs.csv``.
 
@@ -121,9 +121,9 @@ def train_one(spec: str, family: str, seed: int, data, num_classes: int, args) -
     from imagenette_study import split_spec
 
     import timm_nam
+    from lab.trainer.loop import create_lr_scheduler, create_optimizer
+    from lab.trainer.recipes import get_recipe
     from timm_nam.penalty import resolve_penalty
-    from timm_nam.training.loop import create_lr_scheduler, create_optimizer
-    from timm_nam.training.recipes import get_recipe
 
     name, kwargs = split_spec(spec)
     device = data['train'][0].device

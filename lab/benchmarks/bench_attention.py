@@ -6,11 +6,11 @@ sparsity penalty's share of a training step. All variants are timed round-robin 
 noisy), several rounds, and each ratio to the base model is the median of per-round ratios; memory ratios are to
 the base model too. Writes a markdown table and a CSV (with machine, versions and date) to --out.
 
-    python benchmarks/bench_attention.py                     # CPU: batch 8, 224 px, eager
-    python benchmarks/bench_attention.py --compile --families resnet50 --variants SE "NAM (ours)" \
+    python -m lab.benchmarks.bench_attention                     # CPU: batch 8, 224 px, eager
+    python -m lab.benchmarks.bench_attention --compile --families resnet50 --variants SE "NAM (ours)" \
         --name bench_cpu_compile
-    python benchmarks/bench_attention.py --device cuda --amp --channels-last --compile --batch-size 256
-    bash benchmarks/run_gpu.sh eager|compile            # the GPU tables as committed
+    python -m lab.benchmarks.bench_attention --device cuda --amp --channels-last --compile --batch-size 256
+    bash lab/benchmarks/run_gpu.sh eager|compile            # the GPU tables as committed
 """
 
 import argparse

@@ -4,7 +4,7 @@ For plain ResNet-50 and ResNet-50 NAM (as built and reparameterized), eager and 
 profiles a few steps and writes the top kernels by total device time, their count per step and the step's total
 kernel time. The difference between a NAM row and the plain row of the same mode is what NAM costs, kernel by kernel.
 
-    python benchmarks/profile_gate.py --device cuda --amp --channels-last --batch-size 256
+    python -m lab.benchmarks.profile_gate --device cuda --amp --channels-last --batch-size 256
 """
 
 import argparse

@@ -1,4 +1,4 @@
-"""Data for ``timm-nam train``: timm datasets and transforms, with every random choice made reproducible.
+"""Data for ``python -m lab.train``: timm datasets and transforms, with every random choice made reproducible.
 
 Each sample's augmentation is seeded from (seed, epoch, index), and each epoch's sample order from
 (seed, epoch). So a run resumed from an epoch checkpoint sees exactly the data of an uninterrupted run,

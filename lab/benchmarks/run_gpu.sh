@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU half of the speed benchmark, for one NVIDIA H100/H200:
-#   bash benchmarks/run_gpu.sh            # everything below in order, stopping cleanly before 570 s
-#   bash benchmarks/run_gpu.sh eager      # the Triton kernels' tests on CUDA, then the eager table (~4 min)
-#   bash benchmarks/run_gpu.sh compile    # compiled table (ResNet-50), inductor's kernels, profiler (~6 min)
+#   bash lab/benchmarks/run_gpu.sh            # everything below in order, stopping cleanly before 570 s
+#   bash lab/benchmarks/run_gpu.sh eager      # the Triton kernels' tests on CUDA, then the eager table (~4 min)
+#   bash lab/benchmarks/run_gpu.sh compile    # compiled table (ResNet-50), inductor's kernels, profiler (~6 min)
 # (times estimated from the 0.1.1 H200 runs, not yet measured for this version). Each step is cut off at the
 # deadline; what finished is in $OUT (default results/benchmarks): gpu_kernel_tests.log, bench_cuda_eager.*,
 # bench_cuda_compile.*, inductor_cuda.md, profile_cuda.md. Needs torch with CUDA, Triton, timm, safetensors and
@@ -26,19 +26,19 @@ step() {  # step NAME COMMAND...: run it within what is left of the deadline
 
 eager() {
   step kernel-tests bash -c "python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py 2>&1 | tee '$OUT/gpu_kernel_tests.log'"
-  step eager-table python3 benchmarks/bench_attention.py "${common[@]}" --name bench_cuda_eager
+  step eager-table python -m lab.benchmarks.bench_attention "${common[@]}" --name bench_cuda_eager
 }
 
 compiled() {
-  step compiled-table python3 benchmarks/bench_attention.py "${common[@]}" --compile --families resnet50 \
+  step compiled-table python -m lab.benchmarks.bench_attention "${common[@]}" --compile --families resnet50 \
     --variants SE "NAM (ours)" --name bench_cuda_compile
-  step inductor-kernels python3 benchmarks/inductor_kernels.py --device cuda --batch-size 64 --out "$OUT"
-  step profiler python3 benchmarks/profile_gate.py --device cuda --amp --channels-last --batch-size 256 --out "$OUT"
+  step inductor-kernels python -m lab.benchmarks.inductor_kernels --device cuda --batch-size 64 --out "$OUT"
+  step profiler python -m lab.benchmarks.profile_gate --device cuda --amp --channels-last --batch-size 256 --out "$OUT"
 }
 
 case "${1:-all}" in
   all) eager; compiled ;;
   eager) eager ;;
   compile) compiled ;;
-  *) echo "usage: bash benchmarks/run_gpu.sh [all|eager|compile]" >&2; exit 2 ;;
+  *) echo "usage: bash lab/benchmarks/run_gpu.sh [all|eager|compile]" >&2; exit 2 ;;
 esac

@@ -1,11 +1,11 @@
 """How exactly plain weights convert to NAM (timm_nam.convert): the measurements behind results/pretrained_conversion/.
 
-    # a plain network trained on Imagenette (timm-nam train run directory), on the full val split
-    python scripts/conversion_error.py trained --run runs/resnet18_s0 --data-dir ../shared/data/imagenette2-224
-    # every pretrained tag's architecture, random weights with trained-like batch-norm states, real photos at 224 px
-    python scripts/conversion_error.py tags --data-dir ../shared/data/imagenette2-224
+    # a plain network trained on Imagenette (lab.train run directory), on the full val split
+    python -m lab.conversion_error trained --run runs/resnet18_s0 --data-dir ../shared/data/imagenette2-224
+    # every pretrained tag's architecture, random weights with the tests' batch-norm states, real photos at 224 px
+    python -m lab.conversion_error tags --data-dir ../shared/data/imagenette2-224
     # add_nam on timm's families
-    python scripts/conversion_error.py families --data-dir ../shared/data/imagenette2-224
+    python -m lab.conversion_error families --data-dir ../shared/data/imagenette2-224
 
 Each writes a CSV into --out (default results/pretrained_conversion/) and prints it. The error is the relative L2
 difference of the logits of the NAM network from the plain one's, in eval mode.
@@ -14,7 +14,6 @@ difference of the logits of the NAM network from the plain one's, in eval mode.
 import argparse
 import csv
 import json
-import sys
 from pathlib import Path
 
 import timm
@@ -23,12 +22,10 @@ from safetensors.torch import load_file
 from timm.data import create_dataset, create_transform
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.helpers, from a checkout
-
-import timm_nam  # noqa: E402
-from tests.helpers import trained_like_  # noqa: E402
-from timm_nam.convert import add_nam, load_plain_weights  # noqa: E402
-from timm_nam.models._cfg import PLAIN_TAG_PREFIX  # noqa: E402
+import timm_nam
+from tests.helpers import bn_states_  # the conversion tests' batch-norm states
+from timm_nam.convert import add_nam, load_plain_weights
+from timm_nam.models._cfg import PLAIN_TAG_PREFIX
 
 SCALES = (1.0, 0.5, 0.25)
 
@@ -106,7 +103,7 @@ def cmd_tags(args):
         torch.manual_seed(0)
         plain = timm.create_model(plain_arch)
         calibration = next(iter(_loader(args.data_dir, plain, 224, limit=64)))[0]
-        trained_like_(plain, calibration)
+        bn_states_(plain, calibration)
         loader = _loader(args.data_dir, plain, 224, limit=args.images)
         for scale in SCALES:
             nam = load_plain_weights(timm.create_model(name), plain, scale_init=scale).eval()
@@ -153,7 +150,7 @@ def cmd_families(args):
         loader = _loader(args.data_dir, plain, 224, limit=args.images)
         try:
             calibration = next(iter(_loader(args.data_dir, plain, 224, limit=64)))[0]
-            trained_like_(plain, calibration)
+            bn_states_(plain, calibration)
         except ValueError:  # no batch norm to give states to
             pass
         nam = timm.create_model(arch)
@@ -189,7 +186,7 @@ def main():
         q.add_argument('--images', type=int, default=256, help='val images for the random-weight tables')
         q.set_defaults(func=fn)
         if name == 'trained':
-            q.add_argument('--run', required=True, help='a timm-nam train run directory of a plain model')
+            q.add_argument('--run', required=True, help='a lab.train run directory of a plain model')
             q.add_argument('--nam', help="the NAM model to convert to (default '<model>_nam')")
     args = p.parse_args()
     args.func(args)

@@ -1,7 +1,7 @@
 """What NAM computes in trained models: per NAM layer, the gate values sigmoid(z), the sigmoid's argument
 z = w·BN(x) and the effective slopes w·γ, on val images.
 
-    python scripts/gate_stats.py DATA_ROOT RUN_DIR [RUN_DIR ...] [--images 10] [--out DIR] > gate_stats.md
+    python -m lab.gate_stats DATA_ROOT RUN_DIR [RUN_DIR ...] [--images 10] [--out DIR] > gate_stats.md
 
 Prints a per-run summary (markdown); with ``--out`` also writes ``gate_layers.csv`` (one row per layer and run) and
 ``gate_layers.png`` (gate spread and |w·γ| against the layer's width C). In eval mode a NAM gate is
@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from timm.data import create_dataset, create_transform
 
+from lab.trainer.checkpoint import create_model_from_checkpoint
 from timm_nam.layers import NAMChannel, NAMSpatial
-from timm_nam.training.checkpoint import create_model_from_checkpoint
 
 FIELDS = [
     'run',

@@ -1,0 +1,88 @@
+"""What timm's ``train.py`` leaves in its output directory, read back: ``args.yaml`` (its arguments), ``summary.csv``
+(one row per epoch) and its checkpoints (``model_best.pth.tar``, ``last.pth.tar``, ``checkpoint-N.pth.tar``), and the
+trained model rebuilt from them. `timm_nam.hub` exports such a run; ``timm-nam sparsity`` reports on it."""
+
+import argparse
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+__all__ = ['TrainRun', 'read_run', 'create_model_from_run']
+
+CHECKPOINTS = ('model_best.pth.tar', 'last.pth.tar')  # what a run directory stands for, in this order
+
+
+@dataclass
+class TrainRun:
+    directory: Path
+    args: dict  # args.yaml
+    summary: List[Dict[str, float]]  # summary.csv, numbers as floats
+    checkpoint: Path
+
+    @property
+    def input_size(self) -> Optional[Tuple[int, int, int]]:
+        """The input size the run trained at, as train.py resolves it (``--input-size``, else ``--img-size``); None
+        when neither was given (the model's default)."""
+        if self.args.get('input_size'):
+            return tuple(self.args['input_size'])
+        if self.args.get('img_size'):
+            return (3, self.args['img_size'], self.args['img_size'])
+        return None
+
+
+def _numbers(row: Dict[str, str]) -> Dict[str, float]:
+    return {k: float(v) for k, v in row.items() if v not in ('', None)}
+
+
+def read_run(path) -> TrainRun:
+    """A train.py output directory, or a checkpoint file in one (the directory stands for its model_best.pth.tar,
+    else its last.pth.tar)."""
+    import yaml  # timm's dependency
+
+    path = Path(path)
+    directory = path if path.is_dir() else path.parent
+    missing = [name for name in ('args.yaml', 'summary.csv') if not (directory / name).is_file()]
+    if not path.exists() or missing:
+        what = f'{path} does not exist' if not path.exists() else f'{", ".join(missing)} missing in {directory}'
+        raise FileNotFoundError(f"Not the output directory of timm's train.py: {what}")
+    if path.is_dir():
+        found = [directory / name for name in CHECKPOINTS if (directory / name).is_file()]
+        if not found:
+            raise FileNotFoundError(f'No checkpoint in {directory}: expected one of {", ".join(CHECKPOINTS)}')
+        path = found[0]
+    with open(directory / 'summary.csv', newline='') as f:
+        summary = [_numbers(row) for row in csv.DictReader(f)]
+    return TrainRun(directory, yaml.safe_load((directory / 'args.yaml').read_text()), summary, path)
+
+
+def load_checkpoint_state(path: Path, ema: bool = False) -> Dict[str, torch.Tensor]:
+    """The model weights of a train.py checkpoint (``torch.load`` with ``weights_only=True``; the arguments train.py
+    saves beside them are an ``argparse.Namespace``, allowed for that)."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise ValueError(f'{path} cannot be read as a checkpoint of train.py: {e}') from None
+    key = 'state_dict_ema' if ema else 'state_dict'
+    if key not in state:
+        raise ValueError(f'{path} holds no {key!r} (keys: {", ".join(sorted(state))})')
+    return state[key]
+
+
+def create_model_from_run(run: TrainRun, ema: bool = False) -> nn.Module:
+    """The model ``run`` trained, with the weights of its checkpoint (``ema``: the EMA weights), in eval mode."""
+    import timm
+
+    name = run.args['model']
+    kwargs = {k: v for k, v in (run.args.get('model_kwargs') or {}).items() if k != 'nam_penalty'}
+    if run.args.get('num_classes'):
+        kwargs['num_classes'] = run.args['num_classes']
+    if timm.get_pretrained_cfg_value(name, 'fixed_input_size') and run.input_size:
+        kwargs['img_size'] = run.input_size[1:]
+    model = timm.create_model(name, **kwargs)
+    model.load_state_dict(load_checkpoint_state(run.checkpoint, ema))
+    return model.eval()
