@@ -152,11 +152,11 @@ def done_runs(csv_path: Path) -> set:
         return {(r['model'], int(r['seed']), r['recipe']) for r in csv.DictReader(f)}
 
 
-def append_row(csv_path: Path, row: dict) -> None:
+def append_row(csv_path: Path, row: dict, fields=FIELDS) -> None:
     new = not csv_path.is_file()
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     with open(csv_path, 'a', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer = csv.DictWriter(f, fieldnames=fields)
         if new:
             writer.writeheader()
         writer.writerow(row)

@@ -56,6 +56,7 @@ def _cmd_train(args) -> int:
         device=args.device,
         limit_train_steps=args.limit_train_steps,
         drop_path_rate=args.drop_path,
+        initial_checkpoint=args.initial_checkpoint,
     )
     try:
         rows = train(cfg)
@@ -126,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
         "nam_penalty model kwarg if given, else 'paper'",
     )
     p.add_argument('--drop-path', type=float)
+    p.add_argument(
+        '--initial-checkpoint',
+        help="start from these weights (a .safetensors file or a lab.train run directory): a plain network's, "
+        'converted exactly when --model is its NAM form (timm_nam.load_plain_weights)',
+    )
     p.add_argument('--amp', action='store_true', help='mixed precision (autocast; GradScaler for float16)')
     p.add_argument('--amp-dtype', default='bfloat16', choices=['bfloat16', 'float16'])
     p.add_argument('--channels-last', action='store_true')

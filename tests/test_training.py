@@ -560,3 +560,29 @@ def test_trains_on_torch_cifar100(tmp_path, monkeypatch):
     assert json.loads((out / 'args.json').read_text())['num_classes'] == 100
     assert load_file(str(out / 'last.safetensors'))['fc.weight'].shape == (100, 512)
     assert [r['epoch'] for r in json.loads((out / 'metrics.json').read_text())] == [0]
+
+
+def test_initial_checkpoint_starts_a_nam_model_from_a_plain_run(data_dir, tmp_path):
+    """--initial-checkpoint: a plain run's weights, converted for the NAM model (the fine-tuning study's start)."""
+    from lab.trainer.loop import TrainConfig, _setup
+    from timm_nam import load_plain_weights
+
+    plain_argv = [a if a != 'resnet18_nam' else 'resnet18' for a in BASE[:-2]]  # no penalty: no NAM
+    plain_run = tmp_path / 'plain'
+    argv = [*plain_argv, '--data-dir', str(data_dir), '-o', str(plain_run), '--epochs', '1']
+    assert main(argv) == 0
+    cfg = TrainConfig(
+        model='resnet18_nam',
+        data_dir=str(data_dir),
+        output=str(tmp_path / 'nam'),
+        recipe=get_recipe('cifar', img_size=32, batch_size=8, epochs=1),
+        recipe_name='cifar',
+        workers=0,
+        device='cpu',
+        initial_checkpoint=str(plain_run),
+    )
+    run = _setup(cfg)
+    expected = load_plain_weights(timm.create_model('resnet18_nam', num_classes=3), plain_run / 'last.safetensors')
+    got = run.model.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in expected.state_dict().items())
+    assert json.loads((tmp_path / 'nam' / 'args.json').read_text())['initial_checkpoint'] == str(plain_run)

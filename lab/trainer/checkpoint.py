@@ -1,4 +1,4 @@
-"""Checkpoints of ``python -m lab.train``.
+"""Checkpoints of the study trainer (``python -m lab.train``).
 
 Weights go to safetensors (``last.safetensors``, ``best.safetensors``, ``last_ema.safetensors``) with the
 model name and kwargs in the file's metadata. Everything needed to resume exactly (optimizer, scheduler,
@@ -193,13 +193,9 @@ def resolve_resume(resume) -> Tuple[Path, Path]:
 
 def create_model_from_checkpoint(path, model_name: Optional[str] = None) -> Tuple[nn.Module, Dict[str, str]]:
     """Rebuild the model a ``python -m lab.train`` checkpoint (a file, or a run directory: its last.safetensors) was
-    saved from and load its weights.
-
-    The model name and kwargs come from the file's metadata (``model_name`` overrides the name); older
-    checkpoints without ``num_classes``/``img_size`` there get them from the classifier's shape and the
-    run's ``args.json``."""
+    saved from and load its weights. The model name and kwargs come from the file's metadata (``model_name``
+    overrides the name)."""
     import timm
-    from safetensors.torch import load_file
 
     path = resolve_checkpoint(path)
     meta = read_metadata(path)
@@ -207,15 +203,6 @@ def create_model_from_checkpoint(path, model_name: Optional[str] = None) -> Tupl
     if not name:
         raise ValueError(f'{path} does not say which model it holds; pass the model name')
     kwargs = json.loads(meta.get('model_kwargs', '{}'))
-    if 'num_classes' not in kwargs:
-        classifier = timm.get_pretrained_cfg_value(name, 'classifier')
-        with _reading(path, _damaged_advice(path)):
-            state = load_file(str(path))
-        if classifier and f'{classifier}.weight' in state:
-            kwargs['num_classes'] = state[f'{classifier}.weight'].shape[0]
-    args_file = path.parent / 'args.json'
-    if 'img_size' not in kwargs and timm.get_pretrained_cfg_value(name, 'fixed_input_size') and args_file.is_file():
-        kwargs['img_size'] = json.loads(args_file.read_text())['recipe']['img_size']
     try:
         model = timm.create_model(name, **kwargs)
     except TypeError as e:  # kwargs of another model (--model names a different one than the checkpoint)

@@ -33,6 +33,7 @@ try:  # progress bars come with the 'train' extra; without it, one line per epoc
 except ImportError:
     tqdm = None
 
+from timm_nam.convert import load_plain_weights
 from timm_nam.penalty import NAMSparsityLoss, resolve_penalty
 
 from .checkpoint import (
@@ -44,6 +45,7 @@ from .checkpoint import (
     load_train_state,
     load_weights,
     read_metadata,
+    resolve_checkpoint,
     resolve_resume,
     rng_state,
     save_train_state,
@@ -97,6 +99,7 @@ class TrainConfig:
         device: str = 'auto',
         limit_train_steps: Optional[int] = None,
         drop_path_rate: Optional[float] = None,
+        initial_checkpoint: Optional[str] = None,
     ):
         self.__dict__.update({k: v for k, v in locals().items() if k != 'self'})
         self.model_kwargs = dict(model_kwargs or {})
@@ -310,6 +313,8 @@ def _setup(cfg: TrainConfig) -> _Run:
     penalty_p = resolve_penalty(model, cfg.nam_penalty, model_kwarg=cfg.model_kwargs.get('nam_penalty'))
     if resume_paths:
         load_weights(model, resume_paths[0], cfg.model)
+    elif cfg.initial_checkpoint:  # a trained plain network's weights, converted exactly for a NAM model
+        load_plain_weights(model, resolve_checkpoint(cfg.initial_checkpoint))
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
