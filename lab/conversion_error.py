@@ -27,8 +27,6 @@ from tests.helpers import bn_states_  # the conversion tests' batch-norm states
 from timm_nam.convert import add_nam, load_plain_weights
 from timm_nam.models._cfg import PLAIN_TAG_PREFIX
 
-SCALES = (1.0, 0.5, 0.25)
-
 
 def _loader(data_dir, model, img_size, limit=None):
     cfg = model.pretrained_cfg
@@ -81,7 +79,7 @@ def cmd_trained(args):
     nam_arch = args.nam or f'{arch}_nam'
     rows = []
     for weighting in ('sum', 'mean'):
-        for scale in SCALES:
+        for scale in args.scales:
             nam = timm.create_model(nam_arch, num_classes=meta['num_classes'], nam_weighting=weighting)
             load_plain_weights(nam, plain, scale_init=scale)
             rows.append(
@@ -105,7 +103,7 @@ def cmd_tags(args):
         calibration = next(iter(_loader(args.data_dir, plain, 224, limit=64)))[0]
         bn_states_(plain, calibration)
         loader = _loader(args.data_dir, plain, 224, limit=args.images)
-        for scale in SCALES:
+        for scale in args.scales:
             nam = load_plain_weights(timm.create_model(name), plain, scale_init=scale).eval()
             result = _compare(plain, nam, loader)
             rows.append(
@@ -184,6 +182,7 @@ def main():
         q.add_argument('--data-dir', required=True)
         q.add_argument('--out', default='results/pretrained_conversion')
         q.add_argument('--images', type=int, default=256, help='val images for the random-weight tables')
+        q.add_argument('--scales', type=float, nargs='+', default=[1.0, 0.5, 0.25], help="NAM's initial scales")
         q.set_defaults(func=fn)
         if name == 'trained':
             q.add_argument('--run', required=True, help='a lab.train run directory of a plain model')

@@ -4,7 +4,7 @@
 this module stays light: the penalty, training and Hub helpers are imported on first use.
 """
 
-from .layers import BAM, NAM, NAMChannel, NAMGate, NAMSpatial, TripletAttention, nam_weights
+from .layers import BAM, NAM, ConstantScale, NAMChannel, NAMGate, NAMSpatial, SimAM, TripletAttention, nam_weights
 from .models import AttnEfficientNet, AttnResNet
 
 __version__ = '0.2.0.dev0'
@@ -38,6 +38,8 @@ __all__ = [
     'NAMGate',
     'BAM',
     'TripletAttention',
+    'SimAM',
+    'ConstantScale',
     'nam_weights',
     'AttnResNet',
     'AttnEfficientNet',

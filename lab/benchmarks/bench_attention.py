@@ -29,12 +29,10 @@ import torch
 import torch.nn as nn
 from timm.utils import reparameterize_model
 
-sys.path.insert(0, str(Path(__file__).parent))
-from authors_nam import AuthorsChannelAtt  # noqa: E402
-
-import timm_nam  # noqa: E402
-from timm_nam.flops import count_flops  # noqa: E402
-from timm_nam.penalty import NAMSparsityLoss  # noqa: E402
+import timm_nam
+from lab.benchmarks.authors_nam import AuthorsChannelAtt
+from timm_nam.flops import count_flops
+from timm_nam.penalty import NAMSparsityLoss
 
 
 class SigmoidFloor(nn.Module):
@@ -65,6 +63,7 @@ VARIANTS = {
         ('base', lambda s: timm.create_model('resnet50')),
         ('SE', lambda s: timm.create_model('seresnet50')),
         ('CBAM', lambda s: timm.create_model('resnet50', block_args=dict(attn_layer='cbam'))),
+        ('SimAM', lambda s: timm.create_model('resnet50', block_args=dict(attn_layer=timm_nam.SimAM))),
         ("authors' NAM", lambda s: timm.create_model('resnet50', block_args=dict(attn_layer=AuthorsChannelAtt))),
         ('NAM (ours)', lambda s: timm.create_model('resnet50_nam')),
         ('sigmoid floor', lambda s: timm.create_model('resnet50', block_args=dict(attn_layer=SigmoidFloor))),
@@ -73,6 +72,7 @@ VARIANTS = {
         ('base', lambda s: timm.create_model('mobilenetv2_100')),
         ('SE', lambda s: timm.create_model('mobilenetv2_100_se')),
         ('CBAM', lambda s: timm.create_model('mobilenetv2_100_cbam')),
+        ('SimAM', lambda s: _replace_nam(timm.create_model('mobilenetv2_100_nam'), timm_nam.SimAM)),
         ('NAM ch (ours)', lambda s: timm.create_model('mobilenetv2_100_nam')),
         ('NAM ch+sp (ours)', lambda s: timm.create_model('mobilenetv2_100_nam_chsp', img_size=s)),
         ('sigmoid floor', lambda s: _replace_nam(timm.create_model('mobilenetv2_100_nam'), SigmoidFloor)),
@@ -378,8 +378,9 @@ def _run_in_processes(argv, processes: int) -> list:
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(processes):
-            cmd = [sys.executable, __file__, *argv, '--processes', '1', '--out', tmp, '--name', f'run{i}']
-            subprocess.run(cmd, check=True)
+            cmd = [sys.executable, '-m', 'lab.benchmarks.bench_attention', *argv, '--processes', '1', '--out', tmp]
+            cmd += ['--name', f'run{i}']
+            subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parents[2])
             runs.append(json.loads((Path(tmp) / f'run{i}.json').read_text())['rows'])
     rows = []
     for per_run in zip(*runs):
