@@ -1,7 +1,8 @@
 """Summarize ``results/imagenette_study/runs.csv``: mean ± std of top-1/top-5 per model, params, FLOPs, speed,
-NAM against every baseline of its family (difference of mean top-1, Welch 95 % CI and p-value, paired-by-seed
-p-value), a markdown table (summary.md), a plot (top1.png), and the same tables between the
-``<!-- study-table -->`` markers of MODEL_CARD.md, so the docs never quote numbers by hand.
+NAM against every baseline of its family and the controls (``_half``, ``_simam``) against the plain network
+(difference of mean top-1, Welch 95 % CI and p-value, paired-by-seed p-value), a markdown table (summary.md), a plot
+(top1.png), and the same tables between the ``<!-- study-table -->`` markers of MODEL_CARD.md, so the docs never
+quote numbers by hand.
 
     pip install -e ".[study]"      # scipy, for the t-tests
     python -m lab.summarize_study [--csv results/imagenette_study/runs.csv] [--docs MODEL_CARD.md]
@@ -104,11 +105,30 @@ def paired_pvalue(rows_a, rows_b) -> str:
     return f'{stats.ttest_rel(*zip(*pairs)).pvalue:.3f}'
 
 
+def is_control(model: str) -> bool:
+    """The controls of NAM's study: the constant-0.5 branch (``_half``) and its parameter-free peer (``_simam``)."""
+    return model.endswith(('_half', '_simam'))
+
+
+def _comparison(label: str, model: str, rows, other: str, other_rows) -> str:
+    a, b = [float(r['top1']) for r in rows], [float(r['top1']) for r in other_rows]
+    diff = statistics.mean(a) - statistics.mean(b)
+    if min(len(a), len(b)) < 2:
+        ci, pval = 'n/a', 'n/a'
+    else:
+        res = stats.ttest_ind(a, b, equal_var=False)
+        lo, hi = res.confidence_interval(0.95)
+        ci, pval = f'[{lo:+.2f}, {hi:+.2f}]', f'{res.pvalue:.3f}'
+    paired = paired_pvalue(rows, other_rows)
+    return f'| {label} | `{model}` | `{other}` | {diff:+.2f} | {ci} | {pval} | {paired} | {len(a)} vs {len(b)} |'
+
+
 def comparison_lines(groups) -> list:
-    """Every NAM model against every non-NAM model of the same family and recipe, and a NAM variant
-    ('model:kwargs') also against the model it varies, on final top-1."""
+    """Every NAM model against every non-NAM model of the same family and recipe, a NAM variant ('model:kwargs')
+    also against the model it varies, and each control against the family's plain network (its first non-NAM
+    model), on final top-1."""
     lines = [
-        '| family | NAM model | vs | Δ top-1 (NAM − other) | 95 % CI (Welch) | p (Welch t) | p (paired t, by seed) '
+        '| family | model | vs | Δ top-1 (model − other) | 95 % CI (Welch) | p (Welch t) | p (paired t, by seed) '
         '| seeds |',
         '|---|---|---|---:|---:|---:|---:|---:|',
     ]
@@ -116,25 +136,15 @@ def comparison_lines(groups) -> list:
     for (family, nam, recipe), nam_rows in groups.items():
         if not is_nam(nam):
             continue
-        a = [float(r['top1']) for r in nam_rows]
         for (fam2, other, recipe2), other_rows in groups.items():
             if fam2 != family or recipe2 != recipe or (is_nam(other) and other != nam.partition(':')[0]):
                 continue
-            if other == nam:
-                continue
-            b = [float(r['top1']) for r in other_rows]
-            diff = statistics.mean(a) - statistics.mean(b)
-            if min(len(a), len(b)) < 2:
-                ci, pval = 'n/a', 'n/a'
-            else:
-                res = stats.ttest_ind(a, b, equal_var=False)
-                lo, hi = res.confidence_interval(0.95)
-                ci, pval = f'[{lo:+.2f}, {hi:+.2f}]', f'{res.pvalue:.3f}'
-            paired = paired_pvalue(nam_rows, other_rows)
-            lines.append(
-                f'| {labels[family, recipe]} | `{nam}` | `{other}` | {diff:+.2f} | {ci} | {pval} | {paired} '
-                f'| {len(a)} vs {len(b)} |'
-            )
+            if other != nam:
+                lines.append(_comparison(labels[family, recipe], nam, nam_rows, other, other_rows))
+    for (family, control, recipe), rows in groups.items():
+        if is_control(control):
+            plain = next(m for f, m, r in groups if f == family and r == recipe and not is_nam(m))
+            lines.append(_comparison(labels[family, recipe], control, rows, plain, groups[family, plain, recipe]))
     return lines if len(lines) > 2 else ['(No NAM model has a finished run yet.)']
 
 
@@ -193,9 +203,9 @@ def main(argv=None):
         '',
         *model_lines(groups),
         '',
-        '**NAM against each baseline.** Δ is the difference of mean final top-1; the CI and first p-value come '
-        "from Welch's two-sample t-test over seeds, the second from a paired t-test over the seeds both models "
-        'ran (no correction for the number of comparisons).',
+        '**NAM against each baseline, and the controls against the plain network.** Δ is the difference of mean '
+        "final top-1; the CI and first p-value come from Welch's two-sample t-test over seeds, the second from a "
+        'paired t-test over the seeds both models ran (no correction for the number of comparisons).',
         '',
         *comparison_lines(groups),
     ]

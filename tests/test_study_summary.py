@@ -130,3 +130,21 @@ def test_a_variant_is_compared_with_the_model_it_varies(summarize, tmp_path):
     # another NAM model is not a baseline: only the variant's own base is compared
     assert f'`{variant}` | `mobilenetv2_100_nam_chsp`' not in summary
     assert '| `mobilenetv2_100_nam` | `mobilenetv2_100_nam_chsp`' not in summary
+
+
+def test_the_controls_are_compared_with_the_plain_network_and_nam_with_them(summarize, tmp_path):
+    runs = tmp_path / 'runs.csv'
+    write_runs(
+        runs,
+        {
+            'mobilenetv2_100': [40.0, 41.0, 42.0],
+            'mobilenetv2_100_se': [39.0, 40.0, 41.0],
+            'mobilenetv2_100_half': [37.0, 38.0, 39.0],
+            'mobilenetv2_100_nam': [38.0, 39.0, 40.0],
+        },
+    )
+    summarize.main(['--csv', str(runs), '--docs'])
+    summary = (tmp_path / 'summary.md').read_text()
+    assert '| mobilenetv2 | `mobilenetv2_100_half` | `mobilenetv2_100` | -3.00 |' in summary
+    assert '| mobilenetv2 | `mobilenetv2_100_nam` | `mobilenetv2_100_half` | +1.00 |' in summary
+    assert '`mobilenetv2_100_se` | `mobilenetv2_100`' not in summary  # a baseline is no control
