@@ -8,12 +8,6 @@ import pytest
 import torch
 import torch.jit._builtins
 
-# The CUDA kernels' tests run on a GPU, or on the CPU under Triton's interpreter (test_fast_paths.py starts that run
-# in a subprocess with TRITON_INTERPRET=1); elsewhere there is nothing to collect.
-if not (torch.cuda.is_available() or os.environ.get('TRITON_INTERPRET') == '1'):
-    collect_ignore = ['test_triton_kernels.py']
-
-
 def _keep_torchscript_builtins_alive():
     """Work around a PyTorch bug that made `torch.jit.script` fail at random in this suite.
 

@@ -32,7 +32,7 @@ from timm.utils import reparameterize_model
 import timm_nam
 from lab.benchmarks.authors_nam import AuthorsChannelAtt
 from timm_nam.flops import count_flops
-from timm_nam.penalty import NAMSparsityLoss
+from timm_nam.penalty import NAMSparsityLoss, l1_penalty, nam_scales
 
 
 class SigmoidFloor(nn.Module):
@@ -200,10 +200,11 @@ class Runner:
         """Time of the penalty's forward and backward alone (it is a separate term of the loss)."""
         if not self.has_nam:
             return None
+        scales = nam_scales(self.model)
         _sync(self.device)
         t = time.perf_counter()
         for _ in range(iters):
-            self.loss_pen.penalty().backward()
+            l1_penalty(scales, self.loss_pen.p).backward()
         _sync(self.device)
         return (time.perf_counter() - t) / iters
 

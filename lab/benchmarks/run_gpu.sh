@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The GPU half of the speed benchmark, for one NVIDIA H100/H200:
 #   bash lab/benchmarks/run_gpu.sh            # everything below in order, stopping cleanly before 570 s
-#   bash lab/benchmarks/run_gpu.sh eager      # the Triton kernels' tests on CUDA, then the eager table (~4 min)
+#   bash lab/benchmarks/run_gpu.sh eager      # the test suite on CUDA, then the eager table (~4 min)
 #   bash lab/benchmarks/run_gpu.sh compile    # compiled table (ResNet-50), inductor's kernels, profiler (~6 min)
 # (times estimated from the 0.1.1 H200 runs, not yet measured for this version). Each step is cut off at the
-# deadline; what finished is in $OUT (default results/benchmarks): gpu_kernel_tests.log, bench_cuda_eager.*,
-# bench_cuda_compile.*, inductor_cuda.md, profile_cuda.md. Needs torch with CUDA, Triton, timm, safetensors and
+# deadline; what finished is in $OUT (default results/benchmarks): gpu_tests.log, bench_cuda_eager.*,
+# bench_cuda_compile.*, inductor_cuda.md, profile_cuda.md. Needs torch with CUDA, timm, safetensors and
 # huggingface_hub; run from anywhere.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +25,7 @@ step() {  # step NAME COMMAND...: run it within what is left of the deadline
 }
 
 eager() {
-  step kernel-tests bash -c "python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py 2>&1 | tee '$OUT/gpu_kernel_tests.log'"
+  step layer-tests bash -c "python3 -m pytest -q -p no:cacheprovider tests/test_layers.py tests/test_fast_paths.py 2>&1 | tee '$OUT/gpu_tests.log'"
   step eager-table python -m lab.benchmarks.bench_attention "${common[@]}" --name bench_cuda_eager
 }
 
