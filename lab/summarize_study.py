@@ -110,7 +110,7 @@ def is_control(model: str) -> bool:
     return model.endswith(('_half', '_simam'))
 
 
-def _comparison(label: str, model: str, rows, other: str, other_rows) -> str:
+def comparison_line(label: str, model: str, rows, other: str, other_rows) -> str:
     a, b = [float(r['top1']) for r in rows], [float(r['top1']) for r in other_rows]
     diff = statistics.mean(a) - statistics.mean(b)
     if min(len(a), len(b)) < 2:
@@ -140,11 +140,11 @@ def comparison_lines(groups) -> list:
             if fam2 != family or recipe2 != recipe or (is_nam(other) and other != nam.partition(':')[0]):
                 continue
             if other != nam:
-                lines.append(_comparison(labels[family, recipe], nam, nam_rows, other, other_rows))
+                lines.append(comparison_line(labels[family, recipe], nam, nam_rows, other, other_rows))
     for (family, control, recipe), rows in groups.items():
         if is_control(control):
             plain = next(m for f, m, r in groups if f == family and r == recipe and not is_nam(m))
-            lines.append(_comparison(labels[family, recipe], control, rows, plain, groups[family, plain, recipe]))
+            lines.append(comparison_line(labels[family, recipe], control, rows, plain, groups[family, plain, recipe]))
     return lines if len(lines) > 2 else ['(No NAM model has a finished run yet.)']
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.jit._builtins
 
+
 def _keep_torchscript_builtins_alive():
     """Work around a PyTorch bug that made `torch.jit.script` fail at random in this suite.
 

@@ -148,3 +148,22 @@ def test_the_controls_are_compared_with_the_plain_network_and_nam_with_them(summ
     assert '| mobilenetv2 | `mobilenetv2_100_half` | `mobilenetv2_100` | -3.00 |' in summary
     assert '| mobilenetv2 | `mobilenetv2_100_nam` | `mobilenetv2_100_half` | +1.00 |' in summary
     assert '`mobilenetv2_100_se` | `mobilenetv2_100`' not in summary  # a baseline is no control
+
+
+def test_finetune_summary_compares_each_nam_start_with_the_plain_fine_tune(tmp_path):
+    finetune = load_script('finetune_study')
+    fields = ['model', 'seed', 'epochs', 'top1', 'top5', 'recipe']
+    rows = {'resnet18_nam': [71.0, 72.5, 72.5], 'resnet18': [70.0, 71.0, 72.0]}
+    runs = tmp_path / 'runs.csv'
+    with open(runs, 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for seed in range(3):  # rows land seed by seed, as the study writes them
+            for model, values in rows.items():
+                writer.writerow(dict(model=model, seed=seed, epochs=5, top1=values[seed], top5=95.0, recipe='-b 64'))
+    finetune.summarize(runs)
+    summary = (tmp_path / 'summary.md').read_text()
+    assert '| `resnet18` | 3 | 5 | 71.00 ± 1.00 | 95.00 ± 0.00 | 0: 70.00, 1: 71.00, 2: 72.00 |' in summary
+    # paired differences 1.0, 1.5, 0.5: t = 1 / (0.5 / sqrt 3) = 3.464 on 2 df, two-sided p = 1 - t / sqrt(2 + t²)
+    line = next(x for x in summary.splitlines() if x.startswith('| fine-tuned | `resnet18_nam` | `resnet18` |'))
+    assert '| +1.00 |' in line and line.split('|')[7].strip() == '0.074'
