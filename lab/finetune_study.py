@@ -131,6 +131,7 @@ def main():
     p.add_argument('--runs-dir', default='runs/nam_finetune')
     p.add_argument('--csv', default='results/nam_finetune/runs.csv')
     p.add_argument('--seeds', type=int, nargs='+', default=list(SEEDS))
+    p.add_argument('--models', nargs='+', default=MODELS, choices=MODELS, help='a slice of the study')
     p.add_argument('--workers', type=int, default=2)
     p.add_argument('--list', action='store_true')
     p.add_argument('--summarize', action='store_true', help='write summary.md beside the csv and stop')
@@ -143,7 +144,7 @@ def main():
     if csv_path.is_file():
         with open(csv_path) as f:
             done = {(r['model'], int(r['seed'])) for r in csv.DictReader(f)}
-    todo = [(m, s) for s in args.seeds for m in MODELS if (m, s) not in done]
+    todo = [(m, s) for s in args.seeds for m in args.models if (m, s) not in done]
     print(f'{len(todo)} runs to do', flush=True)
     if args.list:
         print('\n'.join(f'{m} seed {s}' for m, s in todo))
