@@ -79,7 +79,7 @@ def run_one(model: str, seed: int, data_dir: str, start: Path, runs_dir: Path, w
 def summary_lines(rows) -> list:
     """The table per model (mean ± std over seeds) and each NAM model against the fine-tuned plain network, by the
     Imagenette study's own comparison (Welch and paired-by-seed t-tests)."""
-    from lab.summarize_study import comparison_line, fmt_mean_std
+    from lab.summarize_study import COMPARISON_HEADER, comparison_line, fmt_mean_std, is_nam
 
     by_model = {}
     for r in rows:
@@ -92,17 +92,10 @@ def summary_lines(rows) -> list:
         seeds = ', '.join(f'{r["seed"]}: {float(r["top1"]):.2f}' for r in rs)
         top1, top5 = fmt_mean_std([r['top1'] for r in rs]), fmt_mean_std([r['top5'] for r in rs])
         lines.append(f'| `{model}` | {len(rs)} | {rs[0]["epochs"]} | {top1} | {top5} | {seeds} |')
-    plain = next((m for m in by_model if '_nam' not in m), None)
+    plain = next((m for m in by_model if not is_nam(m)), None)
     if plain is not None:
-        lines += [
-            '',
-            '| | model | vs | Δ top-1 (model − other) | 95 % CI (Welch) | p (Welch t) | p (paired t, by seed) '
-            '| seeds |',
-            '|---|---|---|---:|---:|---:|---:|---:|',
-        ]
-        lines += [
-            comparison_line('fine-tuned', m, rs, plain, by_model[plain]) for m, rs in by_model.items() if m != plain
-        ]
+        lines += ['', *COMPARISON_HEADER]
+        lines += [comparison_line(plain, m, rs, plain, by_model[plain]) for m, rs in by_model.items() if m != plain]
     return lines
 
 

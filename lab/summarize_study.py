@@ -110,6 +110,12 @@ def is_control(model: str) -> bool:
     return model.endswith(('_half', '_simam'))
 
 
+COMPARISON_HEADER = (
+    '| family | model | vs | Δ top-1 (model − other) | 95 % CI (Welch) | p (Welch t) | p (paired t, by seed) | seeds |',
+    '|---|---|---|---:|---:|---:|---:|---:|',
+)
+
+
 def comparison_line(label: str, model: str, rows, other: str, other_rows) -> str:
     a, b = [float(r['top1']) for r in rows], [float(r['top1']) for r in other_rows]
     diff = statistics.mean(a) - statistics.mean(b)
@@ -127,11 +133,7 @@ def comparison_lines(groups) -> list:
     """Every NAM model against every non-NAM model of the same family and recipe, a NAM variant ('model:kwargs')
     also against the model it varies, and each control against the family's plain network (its first non-NAM
     model), on final top-1."""
-    lines = [
-        '| family | model | vs | Δ top-1 (model − other) | 95 % CI (Welch) | p (Welch t) | p (paired t, by seed) '
-        '| seeds |',
-        '|---|---|---|---:|---:|---:|---:|---:|',
-    ]
+    lines = list(COMPARISON_HEADER)
     labels = recipe_labels(groups)
     for (family, nam, recipe), nam_rows in groups.items():
         if not is_nam(nam):

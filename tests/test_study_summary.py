@@ -165,5 +165,5 @@ def test_finetune_summary_compares_each_nam_start_with_the_plain_fine_tune(tmp_p
     summary = (tmp_path / 'summary.md').read_text()
     assert '| `resnet18` | 3 | 5 | 71.00 ± 1.00 | 95.00 ± 0.00 | 0: 70.00, 1: 71.00, 2: 72.00 |' in summary
     # paired differences 1.0, 1.5, 0.5: t = 1 / (0.5 / sqrt 3) = 3.464 on 2 df, two-sided p = 1 - t / sqrt(2 + t²)
-    line = next(x for x in summary.splitlines() if x.startswith('| fine-tuned | `resnet18_nam` | `resnet18` |'))
+    line = next(x for x in summary.splitlines() if x.startswith('| resnet18 | `resnet18_nam` | `resnet18` |'))
     assert '| +1.00 |' in line and line.split('|')[7].strip() == '0.074'
