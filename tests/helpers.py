@@ -47,6 +47,24 @@ def lab_env(env: dict = None) -> dict:
     return env
 
 
+def hf_cache_snapshot(cache: Path, repo: str, revision: str = '0' * 40) -> Path:
+    """The snapshot folder of ``repo`` in a huggingface_hub cache at ``cache`` (models--ORG--NAME/refs/main naming
+    ``revision``, snapshots/<revision>/), created empty if absent; files put there are what an offline
+    ``hf_hub_download`` of the repository's main branch finds."""
+    repo_dir = Path(cache) / ('models--' + repo.replace('/', '--'))
+    snapshot = repo_dir / 'snapshots' / revision
+    snapshot.mkdir(parents=True, exist_ok=True)
+    (repo_dir / 'refs').mkdir(exist_ok=True)
+    (repo_dir / 'refs' / 'main').write_text(revision)
+    return snapshot
+
+
+def offline_hub_env(cache: Path) -> dict:
+    """The environment of a subprocess that reads the Hub only from the cache at ``cache``."""
+    cache = Path(cache)
+    return {**os.environ, 'HF_HUB_OFFLINE': '1', 'HF_HUB_CACHE': str(cache), 'HF_HOME': str(cache.parent / 'hf_home')}
+
+
 # Exact parameter counts of the paper's Tables 1-2 rows (the paper prints them rounded to 0.01M; these are the
 # models whose rounded counts and FLOPs reproduce every row, bare networks included)
 PAPER_PARAMS = {

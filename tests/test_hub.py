@@ -16,7 +16,14 @@ import torch
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
 
-from tests.helpers import TIMM_LOCAL_DIR, make_image_folder, randomize_bn, write_train_py_run
+from tests.helpers import (
+    TIMM_LOCAL_DIR,
+    hf_cache_snapshot,
+    make_image_folder,
+    offline_hub_env,
+    randomize_bn,
+    write_train_py_run,
+)
 from timm_nam.hub import export_run, publish, upload_plan
 from timm_nam.models._cfg import HF_ORG, PLAIN_TAG_PREFIX, hub_id
 
@@ -69,11 +76,7 @@ def _hf_cache(
 ) -> Path:
     """Lay ``export`` out as huggingface_hub's cache: models--ORG--NAME/refs/main + snapshots/<rev>/..."""
     cache = tmp_path / 'hf_cache'
-    repo_dir = cache / ('models--' + org_repo.replace('/', '--'))
-    snap = repo_dir / 'snapshots' / REVISION
-    snap.mkdir(parents=True)
-    (repo_dir / 'refs').mkdir()
-    (repo_dir / 'refs' / 'main').write_text(REVISION)
+    snap = hf_cache_snapshot(cache, org_repo, REVISION)
     (snap / 'config.json').write_bytes((export / 'config.json').read_bytes())
     if with_weights:
         (snap / 'model.safetensors').write_bytes(
@@ -83,9 +86,12 @@ def _hf_cache(
 
 
 def _offline(code: str, cache: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'HF_HUB_CACHE': str(cache), 'HF_HOME': str(cache.parent / 'hf_home')}
     return subprocess.run(
-        [sys.executable, '-c', textwrap.dedent(code)], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, '-c', textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=offline_hub_env(cache),
+        timeout=300,
     )
 
 

@@ -8,7 +8,6 @@ these states: ResNets 5e-3, the inverted-residual and other families 3e-2, spati
 (relative L2 difference of the logits, eval mode)."""
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 import timm_nam
-from tests.helpers import bn_states_
+from tests.helpers import bn_states_, hf_cache_snapshot, offline_hub_env
 from timm_nam import NAMChannel, NAMSpatial, add_nam, load_plain_weights
 from timm_nam.convert import SCALE_INIT, plain_to_nam_state_dict
 from timm_nam.layers import NormNAM
@@ -93,18 +92,17 @@ def test_every_nam_model_with_timm_weights_has_them_as_its_default_tag():
 
 def _hf_cache(root, repo: str, state: dict):
     """huggingface_hub's cache layout for ``repo`` holding ``state`` as model.safetensors."""
-    repo_dir = root / ('models--' + repo.replace('/', '--'))
-    snap = repo_dir / 'snapshots' / REVISION
-    snap.mkdir(parents=True)
-    (repo_dir / 'refs').mkdir()
-    (repo_dir / 'refs' / 'main').write_text(REVISION)
+    snap = hf_cache_snapshot(root, repo, REVISION)
     save_file({k: v.contiguous() for k, v in state.items()}, str(snap / 'model.safetensors'))
 
 
 def _offline(code: str, cache) -> dict:
-    env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'HF_HUB_CACHE': str(cache), 'HF_HOME': str(cache.parent / 'home')}
     proc = subprocess.run(
-        [sys.executable, '-c', textwrap.dedent(code)], capture_output=True, text=True, env=env, timeout=600
+        [sys.executable, '-c', textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=offline_hub_env(cache),
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])

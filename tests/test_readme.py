@@ -2,7 +2,6 @@
 ``pretrained=True`` lines read are laid out in a Hugging Face cache, with random weights of the right networks), every
 timm-nam command line parses."""
 
-import os
 import re
 import shlex
 import subprocess
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import hf_cache_snapshot, offline_hub_env
 from timm_nam.cli import build_parser
 
 README = Path(__file__).parents[1] / 'README.md'
@@ -35,15 +35,12 @@ def _offline_hub(code: str, root: Path) -> dict:
     cache = root / 'hf_cache'
     for name in re.findall(r"create_model\('([\w.]+)', pretrained=True", code):
         repo = timm.models.get_pretrained_cfg(name).hf_hub_id
-        snapshot = cache / f'models--{repo.replace("/", "--")}' / 'snapshots' / ('0' * 40)
-        if snapshot.is_dir():
+        snapshot = hf_cache_snapshot(cache, repo)
+        if (snapshot / 'model.safetensors').exists():
             continue
-        snapshot.mkdir(parents=True)
-        (snapshot.parents[1] / 'refs').mkdir()
-        (snapshot.parents[1] / 'refs' / 'main').write_text('0' * 40)
         arch = repo.split('/', 1)[1].split('.')[0]  # the plain network a plain_* tag converts, or the model itself
         save_file(timm.create_model(arch).state_dict(), str(snapshot / 'model.safetensors'))
-    return {**os.environ, 'HF_HUB_OFFLINE': '1', 'HF_HUB_CACHE': str(cache), 'HF_HOME': str(root / 'hf_home')}
+    return offline_hub_env(cache)
 
 
 @pytest.mark.parametrize('code', PYTHON, ids=[f'python_block_{i}' for i in range(len(PYTHON))])
