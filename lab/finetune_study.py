@@ -77,8 +77,8 @@ def run_one(model: str, seed: int, data_dir: str, start: Path, runs_dir: Path, w
 
 
 def summary_lines(rows) -> list:
-    """The table per model (mean ± std over seeds) and each NAM model against the fine-tuned plain network, by the
-    Imagenette study's own comparison (Welch and paired-by-seed t-tests)."""
+    """The table per model (mean ± std over seeds), each NAM model against the fine-tuned plain network and a variant
+    against the model it varies, by the Imagenette study's own comparison (Welch and paired-by-seed t-tests)."""
     from lab.summarize_study import COMPARISON_HEADER, comparison_line, fmt_mean_std, is_nam
 
     by_model = {}
@@ -96,6 +96,12 @@ def summary_lines(rows) -> list:
     if plain is not None:
         lines += ['', *COMPARISON_HEADER]
         lines += [comparison_line(plain, m, rs, plain, by_model[plain]) for m, rs in by_model.items() if m != plain]
+        # a variant ('model:kwargs') also against the model it varies, as the study compares them
+        lines += [
+            comparison_line(plain, m, rs, m.partition(':')[0], by_model[m.partition(':')[0]])
+            for m, rs in by_model.items()
+            if ':' in m and m.partition(':')[0] in by_model
+        ]
     return lines
 
 

@@ -154,6 +154,7 @@ def test_finetune_summary_compares_each_nam_start_with_the_plain_fine_tune(tmp_p
     finetune = load_script('finetune_study')
     fields = ['model', 'seed', 'epochs', 'top1', 'top5', 'recipe']
     rows = {'resnet18_nam': [71.0, 72.5, 72.5], 'resnet18': [70.0, 71.0, 72.0]}
+    rows['resnet18_nam:nam_weighting=mean'] = [72.0, 73.0, 73.5]
     runs = tmp_path / 'runs.csv'
     with open(runs, 'w', newline='') as f:
         writer = csv.DictWriter(f, fieldnames=fields)
@@ -167,3 +168,7 @@ def test_finetune_summary_compares_each_nam_start_with_the_plain_fine_tune(tmp_p
     # paired differences 1.0, 1.5, 0.5: t = 1 / (0.5 / sqrt 3) = 3.464 on 2 df, two-sided p = 1 - t / sqrt(2 + t²)
     line = next(x for x in summary.splitlines() if x.startswith('| resnet18 | `resnet18_nam` | `resnet18` |'))
     assert '| +1.00 |' in line and line.split('|')[7].strip() == '0.074'
+    # a variant against plain and against the model it varies (paired differences 1.0, 0.5, 1.0: t = 5.0, p = 0.038)
+    assert '| resnet18 | `resnet18_nam:nam_weighting=mean` | `resnet18` | +1.83 |' in summary
+    line = next(x for x in summary.splitlines() if '| `resnet18_nam:nam_weighting=mean` | `resnet18_nam` |' in x)
+    assert '| +0.83 |' in line and line.split('|')[7].strip() == '0.038'
