@@ -79,7 +79,7 @@ def run_one(model: str, seed: int, data_dir: str, start: Path, runs_dir: Path, w
 def summary_lines(rows) -> list:
     """The table per model (mean ± std over seeds), each NAM model against the fine-tuned plain network and a variant
     against the model it varies, by the Imagenette study's own comparison (Welch and paired-by-seed t-tests)."""
-    from lab.summarize_study import COMPARISON_HEADER, comparison_line, fmt_mean_std, is_nam
+    from lab.summarize_study import comparison_lines, fmt_mean_std, is_nam
 
     by_model = {}
     for r in rows:
@@ -93,15 +93,8 @@ def summary_lines(rows) -> list:
         top1, top5 = fmt_mean_std([r['top1'] for r in rs]), fmt_mean_std([r['top5'] for r in rs])
         lines.append(f'| `{model}` | {len(rs)} | {rs[0]["epochs"]} | {top1} | {top5} | {seeds} |')
     plain = next((m for m in by_model if not is_nam(m)), None)
-    if plain is not None:
-        lines += ['', *COMPARISON_HEADER]
-        lines += [comparison_line(plain, m, rs, plain, by_model[plain]) for m, rs in by_model.items() if m != plain]
-        # a variant ('model:kwargs') also against the model it varies, as the study compares them
-        lines += [
-            comparison_line(plain, m, rs, m.partition(':')[0], by_model[m.partition(':')[0]])
-            for m, rs in by_model.items()
-            if ':' in m and m.partition(':')[0] in by_model
-        ]
+    if plain is not None:  # the study's own comparisons, the plain fine-tune's name as the family
+        lines += ['', *comparison_lines({(plain, m, rs[0]['recipe']): rs for m, rs in by_model.items()})]
     return lines
 
 
