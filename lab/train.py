@@ -1,80 +1,27 @@
-"""The seeded study trainer's command line (``python -m lab.train``, from a checkout): what ``python -m lab.train`` was
+"""The seeded study trainer's command line (``python -m lab.train``, from a checkout): what ``timm-nam train`` was
 before 0.2. The study scripts run it; users train with timm's own train.py (README)."""
 
 import argparse
-import ast
 import sys
+from dataclasses import fields
 from typing import List, Optional
 
+from timm.utils import ParseKwargs
 
-def _kv(text: str):
-    """k=v with a Python literal value (like timm train.py's --model-kwargs)."""
-    if '=' not in text:
-        raise argparse.ArgumentTypeError(f'expected key=value, got {text!r}')
-    key, value = text.split('=', 1)
-    try:
-        return key, ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return key, value
+from timm_nam.penalty import parse_penalty
+
+from .trainer import RECIPES, TrainConfig, TrainingDivergedError, get_recipe, train
+from .trainer.recipes import RECIPE_FIELDS
 
 
 def _penalty(text: str):
-    from timm_nam.penalty import parse_penalty
-
     try:
         return parse_penalty(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _cmd_train(args) -> int:
-    from .trainer import TrainConfig, TrainingDivergedError, get_recipe, train
-    from .trainer.recipes import RECIPE_FIELDS
-
-    overrides = {k: getattr(args, k) for k in RECIPE_FIELDS if getattr(args, k, None) is not None}
-    if 'decay_milestones' in overrides:
-        overrides['decay_milestones'] = tuple(overrides['decay_milestones'])
-    cfg = TrainConfig(
-        model=args.model,
-        data_dir=args.data_dir,
-        output=args.output,
-        recipe=get_recipe(args.recipe, **overrides),
-        recipe_name=args.recipe,
-        dataset=args.dataset,
-        num_classes=args.num_classes,
-        model_kwargs=dict(args.model_kwargs or []),
-        nam_penalty=args.nam_penalty,
-        amp=args.amp,
-        amp_dtype=args.amp_dtype,
-        channels_last=args.channels_last,
-        compile=args.compile,
-        model_ema=args.model_ema,
-        model_ema_decay=args.model_ema_decay,
-        grad_accum_steps=args.grad_accum_steps,
-        workers=args.workers,
-        resume=args.resume,
-        device=args.device,
-        limit_train_steps=args.limit_train_steps,
-        drop_path_rate=args.drop_path,
-        initial_checkpoint=args.initial_checkpoint,
-    )
-    try:
-        rows = train(cfg)
-    except TrainingDivergedError as e:  # the run, not its input, went wrong; the message says what to try
-        print(f'lab.train: error: {e}', file=sys.stderr)
-        return 1
-    if rows:
-        best = max(rows, key=lambda r: r['val_top1'])
-        print(
-            f'best val top1 {best["val_top1"]:.2f} (top5 {best["val_top5"]:.2f}) at epoch {best["epoch"] + 1}; '
-            f'final top1 {rows[-1]["val_top1"]:.2f}; outputs in {cfg.output}'
-        )
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from .trainer.recipes import RECIPES
-
     p = argparse.ArgumentParser(
         prog='python -m lab.train',
         description='The seeded study trainer: train any timm-nam or timm model on an ImageFolder directory '
@@ -85,12 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--data-dir', required=True, help='dataset root')
     p.add_argument('--dataset', default='', help="'' for an ImageFolder root, or torch/cifar100 (torchvision layout)")
     p.add_argument('--output', '-o', required=True, help='run directory (checkpoints, metrics)')
-    p.add_argument(
-        '--recipe',
-        default='imagenet',
-        choices=sorted(RECIPES),
-        help='; '.join(f'{k}: {v.description}' for k, v in RECIPES.items()),
-    )
+    recipes = '; '.join(f'{k}: {v.description}' for k, v in RECIPES.items())
+    p.add_argument('--recipe', dest='recipe_name', default='imagenet', choices=sorted(RECIPES), help=recipes)
     g = p.add_argument_group('recipe overrides')
     g.add_argument('--epochs', type=int)
     g.add_argument('--batch-size', '-b', type=int, help='global batch per optimizer step')
@@ -119,14 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--aug', choices=['cifar', 'imagenet'])
     g.add_argument('--seed', type=int)
     p.add_argument('--num-classes', type=int, help='default: the number of classes in the data')
-    p.add_argument('--model-kwargs', nargs='*', type=_kv, metavar='K=V')
+    p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='K=V')
     p.add_argument(
         '--nam-penalty',
         type=_penalty,
         help="p of the sparsity penalty: a number (0 = off) or 'paper' (1e-4 ResNet, 1e-3 MobileNet); default: the "
         "nam_penalty model kwarg if given, else 'paper'",
     )
-    p.add_argument('--drop-path', type=float)
+    p.add_argument('--drop-path', dest='drop_path_rate', type=float)
     p.add_argument(
         '--initial-checkpoint',
         help="start from these weights (a .safetensors file or a lab.train run directory): a plain network's, "
@@ -146,10 +89,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _train(args) -> int:
+    overrides = {k: getattr(args, k) for k in RECIPE_FIELDS if getattr(args, k, None) is not None}
+    if 'decay_milestones' in overrides:
+        overrides['decay_milestones'] = tuple(overrides['decay_milestones'])
+    options = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != 'recipe'}
+    cfg = TrainConfig(recipe=get_recipe(args.recipe_name, **overrides), **options)
+    try:
+        rows = train(cfg)
+    except TrainingDivergedError as e:  # the run, not its input, went wrong; the message says what to try
+        print(f'lab.train: error: {e}', file=sys.stderr)
+        return 1
+    if rows:
+        best = max(rows, key=lambda r: r['val_top1'])
+        print(
+            f'best val top1 {best["val_top1"]:.2f} (top5 {best["val_top5"]:.2f}) at epoch {best["epoch"] + 1}; '
+            f'final top1 {rows[-1]["val_top1"]:.2f}; outputs in {cfg.output}'
+        )
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return _cmd_train(args)
+        return _train(args)
     except (ValueError, FileNotFoundError) as e:  # bad input: say what is wrong, no traceback
         print(f'lab.train: error: {e}', file=sys.stderr)
         return 2

@@ -462,7 +462,7 @@ def test_only_bad_input_is_a_one_line_error(data_dir, tmp_path, capsys, monkeypa
         raise TypeError('a fault inside timm-nam')
 
     # a TypeError that is not about the input is a fault to debug: it keeps its traceback
-    monkeypatch.setattr('lab.trainer.loop.build_datasets', broken)
+    monkeypatch.setattr('lab.trainer.data.build_datasets', broken)
     with pytest.raises(TypeError, match='a fault inside timm-nam'):
         main(argv)
 
@@ -564,7 +564,7 @@ def test_trains_on_torch_cifar100(tmp_path, monkeypatch):
 
 def test_initial_checkpoint_starts_a_nam_model_from_a_plain_run(data_dir, tmp_path):
     """--initial-checkpoint: a plain run's weights, converted for the NAM model (the fine-tuning study's start)."""
-    from lab.trainer.loop import TrainConfig, _setup
+    from lab.trainer.loop import Run, TrainConfig
     from timm_nam import load_plain_weights
 
     plain_argv = [a if a != 'resnet18_nam' else 'resnet18' for a in BASE[:-2]]  # no penalty: no NAM
@@ -581,7 +581,7 @@ def test_initial_checkpoint_starts_a_nam_model_from_a_plain_run(data_dir, tmp_pa
         device='cpu',
         initial_checkpoint=str(plain_run),
     )
-    run = _setup(cfg)
+    run = Run(cfg)
     expected = load_plain_weights(timm.create_model('resnet18_nam', num_classes=3), plain_run / 'last.safetensors')
     got = run.model.state_dict()
     assert all(torch.equal(got[k], v) for k, v in expected.state_dict().items())

@@ -1,12 +1,12 @@
 """Checkpoints of the study trainer (``python -m lab.train``).
 
 Weights go to safetensors (``last.safetensors``, ``best.safetensors``, ``last_ema.safetensors``) with the
-model name and kwargs in the file's metadata. Everything needed to resume exactly (optimizer, scheduler,
-grad scaler, epoch, RNG states) goes to ``last_state.pt``, which holds only tensors and plain containers and
-is read with ``torch.load(weights_only=True)``. Files are written to a temporary name and renamed, so a run
-killed mid-write leaves the previous checkpoint intact; a file damaged some other way (a full disk, a cut-off copy)
-is a `DamagedCheckpointError` that names it. A run directory or a file in it stands for its checkpoint wherever
-one is read (`resolve_checkpoint`).
+model name and kwargs in the file's metadata, and are read back with timm's `load_state_dict`. Everything needed to
+resume exactly (optimizer, scheduler, grad scaler, epoch, RNG states) goes to ``last_state.pt``, which holds only
+tensors and plain containers and is read with ``torch.load(weights_only=True)``. Files are written to a temporary name
+and renamed, so a run killed mid-write leaves the previous checkpoint intact; a file damaged some other way (a full
+disk, a cut-off copy) is a `DamagedCheckpointError` that names it. A run directory or a file in it stands for its
+checkpoint wherever one is read (`resolve_checkpoint`).
 """
 
 import contextlib
@@ -18,23 +18,12 @@ from pathlib import Path
 from typing import Dict, Iterator, Optional, Tuple
 
 import numpy as np
+import timm
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
-
-__all__ = [
-    'resolve_checkpoint',
-    'save_weights',
-    'load_weights',
-    'read_metadata',
-    'save_train_state',
-    'load_train_state',
-    'rng_state',
-    'set_rng_state',
-    'CheckpointMismatchError',
-    'DamagedCheckpointError',
-]
+from safetensors.torch import save
+from timm.models import load_state_dict
 
 WEIGHTS_LAST, WEIGHTS_BEST, WEIGHTS_EMA, STATE_LAST = (
     'last.safetensors',
@@ -82,35 +71,29 @@ def resolve_checkpoint(path, name: str = WEIGHTS_LAST) -> Path:
     return p
 
 
-def _atomic(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """``write(tmp)`` then rename: a run killed mid-write leaves the previous file whole."""
     tmp = path.with_name(path.name + '.tmp')
     write(tmp)
     os.replace(tmp, path)
-
-
-def _new_file_mode() -> int:
-    """The permissions ``open()`` gives a new file under the current umask (safetensors writes 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 def save_weights(model: nn.Module, path, model_name: str, model_kwargs: Optional[dict] = None, **extra) -> None:
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {'model': model_name, 'model_kwargs': json.dumps(model_kwargs or {}), 'format': 'pt'}
     meta.update({k: json.dumps(v) for k, v in extra.items()})
-
-    def write(tmp: Path) -> None:
-        save_file(state, str(tmp), metadata=meta)
-        os.chmod(tmp, _new_file_mode())
-
-    _atomic(Path(path), write)
+    # written by open() rather than safetensors' save_file, which makes every file 0600 whatever the umask
+    atomic_write(Path(path), lambda tmp: tmp.write_bytes(save(state, metadata=meta)))
 
 
 def read_metadata(path) -> Dict[str, str]:
     path = Path(path)
     with _reading(path, _damaged_advice(path)), safe_open(str(path), framework='pt') as f:
         return dict(f.metadata() or {})
+
+
+def _few(keys) -> str:
+    return ', '.join(keys[:5]) + (f' (+{len(keys) - 5} more)' if len(keys) > 5 else '')
 
 
 def load_weights(model: nn.Module, path, model_name: Optional[str] = None) -> Dict[str, str]:
@@ -121,34 +104,23 @@ def load_weights(model: nn.Module, path, model_name: Optional[str] = None) -> Di
     meta = read_metadata(path)
     if model_name is not None and meta.get('model') not in (None, model_name):
         raise CheckpointMismatchError(f'{path} holds a {meta["model"]!r} model, not {model_name!r}')
-    from safetensors.torch import load_file
-
     with _reading(path, _damaged_advice(path)):
-        state = load_file(str(path))
+        state = load_state_dict(str(path))
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong_shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or wrong_shape:
-
-        def few(keys):
-            return ', '.join(keys[:5]) + (f' (+{len(keys) - 5} more)' if len(keys) > 5 else '')
-
-        problems = [
-            f'{name}: {few(keys)}'
-            for name, keys in (
-                ('missing keys', missing),
-                ('unexpected keys', unexpected),
-                ('shape mismatch', wrong_shape),
-            )
-            if keys
-        ]
-        raise CheckpointMismatchError(f'{path} does not fit {type(model).__name__} ({"; ".join(problems)})')
+    problems = {
+        'missing keys': sorted(own.keys() - state.keys()),
+        'unexpected keys': sorted(state.keys() - own.keys()),
+        'shape mismatch': sorted(k for k in own.keys() & state.keys() if own[k].shape != state[k].shape),
+    }
+    if any(problems.values()):
+        listed = '; '.join(f'{what}: {_few(keys)}' for what, keys in problems.items() if keys)
+        raise CheckpointMismatchError(f'{path} does not fit {type(model).__name__} ({listed})')
     model.load_state_dict(state)
     return meta
 
 
 def rng_state() -> dict:
+    """torch's, Python's and numpy's global RNG states as tensors and plain values (readable with weights_only)."""
     np_state = np.random.get_state()
     return {
         'torch': torch.get_rng_state(),
@@ -167,7 +139,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_train_state(path, **state) -> None:
-    _atomic(Path(path), lambda p: torch.save(state, p))
+    atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
 
 
 def load_train_state(path) -> dict:
@@ -191,23 +163,13 @@ def resolve_resume(resume) -> Tuple[Path, Path]:
     return weights, state
 
 
-def create_model_from_checkpoint(path, model_name: Optional[str] = None) -> Tuple[nn.Module, Dict[str, str]]:
-    """Rebuild the model a ``python -m lab.train`` checkpoint (a file, or a run directory: its last.safetensors) was
-    saved from and load its weights. The model name and kwargs come from the file's metadata (``model_name``
-    overrides the name)."""
-    import timm
-
+def create_model_from_checkpoint(path) -> Tuple[nn.Module, Dict[str, str]]:
+    """The model a ``python -m lab.train`` checkpoint (a file, or a run directory: its last.safetensors) was saved
+    from, with its weights, and the file's metadata (which names the model and its kwargs)."""
     path = resolve_checkpoint(path)
     meta = read_metadata(path)
-    name = model_name or meta.get('model')
-    if not name:
-        raise ValueError(f'{path} does not say which model it holds; pass the model name')
-    kwargs = json.loads(meta.get('model_kwargs', '{}'))
-    try:
-        model = timm.create_model(name, **kwargs)
-    except TypeError as e:  # kwargs of another model (--model names a different one than the checkpoint)
-        raise CheckpointMismatchError(
-            f'{path} was saved with model kwargs {kwargs} that {name} does not take: {e}'
-        ) from e
-    load_weights(model, path, name)
-    return model, dict(meta, model=name, model_kwargs=json.dumps(kwargs))
+    if 'model' not in meta:
+        raise ValueError(f'{path} does not say which model it holds (not a lab.train checkpoint)')
+    model = timm.create_model(meta['model'], **json.loads(meta.get('model_kwargs', '{}')))
+    load_weights(model, path)
+    return model, meta

@@ -1,26 +1,25 @@
 """Data for ``python -m lab.train``: timm datasets and transforms, with every random choice made reproducible.
 
-Each sample's augmentation is seeded from (seed, epoch, index), and each epoch's sample order from
-(seed, epoch). So a run resumed from an epoch checkpoint sees exactly the data of an uninterrupted run,
-and N processes under DDP see exactly the chunks one process sees with N accumulation steps.
+Each sample's augmentation is seeded from (seed, epoch, index), and each epoch's sample order from (seed, epoch). So a
+run resumed from an epoch checkpoint sees exactly the data of an uninterrupted run, and N processes under DDP see
+exactly the chunks one process sees with N accumulation steps.
 """
 
 import contextlib
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Tuple
+from typing import Callable, Iterable, Iterator, List, Tuple
 
 import numpy as np
 import torch
 from timm.data import create_dataset, create_transform, resolve_data_config
 from timm.models import get_pretrained_cfg
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision import transforms as T
 
-__all__ = ['build_datasets', 'SeededDataset', 'GlobalBatchSampler', 'train_loader', 'check_data_dir']
-
-TORCH_DATASETS = ('torch/cifar100', 'torch/cifar10')
+TORCH_DATASETS = {'torch/cifar100': 'cifar-100-python', 'torch/cifar10': 'cifar-10-batches-py'}  # their folders
 
 
 def check_data_dir(data_dir: str, dataset: str) -> None:
@@ -29,7 +28,7 @@ def check_data_dir(data_dir: str, dataset: str) -> None:
     if not root.is_dir():
         raise FileNotFoundError(f'Data directory {str(root)!r} does not exist')
     if dataset in TORCH_DATASETS:
-        folder = {'torch/cifar100': 'cifar-100-python', 'torch/cifar10': 'cifar-10-batches-py'}[dataset]
+        folder = TORCH_DATASETS[dataset]
         if not (root / folder).is_dir():
             raise FileNotFoundError(
                 f"{dataset} expects torchvision's layout: {root / folder} (extract the python-version tarball "
@@ -38,7 +37,8 @@ def check_data_dir(data_dir: str, dataset: str) -> None:
         return
     if dataset:
         raise ValueError(
-            f'Unsupported dataset {dataset!r}: use an ImageFolder directory (no --dataset) or one of {TORCH_DATASETS}'
+            f'Unsupported dataset {dataset!r}: use an ImageFolder directory (no --dataset) or one of '
+            f'{tuple(TORCH_DATASETS)}'
         )
     for split in ('train', 'val'):
         d = root / split
@@ -68,9 +68,7 @@ def _transforms(aug: str, img_size: int, mean, std, crop_pct: float):
     return train, val
 
 
-def build_datasets(
-    data_dir: str, dataset: str, aug: str, img_size: int, model_name: str
-) -> Tuple[Dataset, Dataset, int]:
+def build_datasets(data_dir: str, dataset: str, aug: str, img_size: int, model_name: str) -> Tuple[Dataset, ...]:
     """(train, val, num_classes) with train/eval transforms from the recipe and the model's mean/std."""
     check_data_dir(data_dir, dataset)
     cfg = resolve_data_config({}, pretrained_cfg=get_pretrained_cfg(model_name).to_dict())
@@ -95,9 +93,7 @@ class SeededDataset(Dataset):
     """
 
     def __init__(self, dataset: Dataset, seed: int):
-        self.dataset = dataset
-        self.seed = seed
-        self.epoch = 0
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -125,64 +121,42 @@ def _seeded_rngs(seed: int) -> Iterator[None]:
         np.random.set_state(numpy_state)
 
 
-def train_loader(
-    dataset: 'SeededDataset', sampler: 'GlobalBatchSampler', workers: int, pin_memory: bool = False
-) -> DataLoader:
+def train_loader(dataset: SeededDataset, sampler: Sampler, workers: int, pin_memory: bool = False) -> DataLoader:
     """The training DataLoader. Its workers are not persistent on purpose: a persistent worker keeps the copy of
     the dataset it was started with, so ``SeededDataset.set_epoch`` would never reach it and every epoch would
     replay epoch 0's augmentation of each image. Workers started per epoch copy the current epoch."""
-    return DataLoader(
-        dataset, batch_sampler=sampler, num_workers=workers, persistent_workers=False, pin_memory=pin_memory
-    )
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory)
 
 
 class GlobalBatchSampler(Sampler[List[int]]):
     """Yields this process's micro-batches of each global batch, in order.
 
-    Each epoch is one permutation seeded from (seed, epoch); global batch ``b`` is split into
-    ``world_size * accum_steps`` equal chunks, and process ``rank`` takes chunks
-    ``rank * accum_steps ... rank * accum_steps + accum_steps - 1``. The last partial global batch is dropped.
+    Each epoch is one permutation seeded from (seed, epoch); global batch ``b`` is split into ``world_size *
+    accum_steps`` equal chunks, and process ``rank`` takes chunks ``rank * accum_steps`` to ``rank * accum_steps +
+    accum_steps - 1``. The last partial global batch is dropped.
     """
 
-    def __init__(
-        self,
-        num_samples: int,
-        global_batch: int,
-        seed: int,
-        rank: int = 0,
-        world_size: int = 1,
-        accum_steps: int = 1,
-        shuffle: bool = True,
-    ):
-        chunks = world_size * accum_steps
-        if global_batch % chunks:
+    def __init__(self, num_samples: int, global_batch: int, seed: int, rank=0, world_size=1, accum_steps=1):
+        if global_batch % (world_size * accum_steps):
             raise ValueError(
                 f'batch size {global_batch} does not split into {world_size} process(es) x '
                 f'{accum_steps} accumulation step(s)'
             )
         if num_samples < global_batch:
             raise ValueError(f'batch size {global_batch} is larger than the dataset ({num_samples} samples)')
-        self.num_samples, self.global_batch, self.seed = num_samples, global_batch, seed
-        self.rank, self.accum_steps, self.micro = rank, accum_steps, global_batch // chunks
-        self.shuffle = shuffle
-        self.epoch = 0
+        self.num_samples, self.global_batch, self.seed, self.epoch = num_samples, global_batch, seed, 0
+        self.rank, self.accum_steps, self.micro = rank, accum_steps, global_batch // (world_size * accum_steps)
+        self.steps = num_samples // global_batch  # optimizer steps per epoch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-
-    @property
-    def steps(self) -> int:
-        return self.num_samples // self.global_batch
 
     def __len__(self) -> int:
         return self.steps * self.accum_steps
 
     def __iter__(self) -> Iterator[List[int]]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(self.num_samples, generator=g).tolist()
-        else:
-            order = list(range(self.num_samples))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.num_samples, generator=g).tolist()
         for step in range(self.steps):
             batch = order[step * self.global_batch : (step + 1) * self.global_batch]
             for k in range(self.accum_steps):
@@ -190,11 +164,35 @@ class GlobalBatchSampler(Sampler[List[int]]):
                 yield batch[start : start + self.micro]
 
 
-def shard_indices(num_samples: int, rank: int, world_size: int) -> List[int]:
-    """Contiguous evaluation shard of this process (every sample exactly once over all ranks)."""
-    per = (num_samples + world_size - 1) // world_size
-    return list(range(rank * per, min(num_samples, (rank + 1) * per)))
+@dataclass
+class TrainData:
+    """What a run trains and evaluates on: ``train_batches(epoch)`` yields this process's (images, targets)
+    micro-batches of that epoch in order, ``steps`` optimizer steps' worth; ``val_batches()`` this process's share of
+    the validation set."""
+
+    train_batches: Callable[[int], Iterable]
+    steps: int
+    val_batches: Callable[[], Iterable]
+    num_classes: int
 
 
-def worker_count(requested: int) -> int:
-    return max(0, min(requested, os.cpu_count() or 1))
+def image_data(cfg, rank: int, world_size: int, pin_memory: bool) -> TrainData:
+    """The images of a `TrainConfig`'s data directory: this process's micro-batches in the seeded order of each epoch,
+    each image augmented as seeded for it, and this process's contiguous shard of the validation set."""
+    recipe = cfg.recipe
+    train_set, val_set, num_classes = build_datasets(cfg.data_dir, cfg.dataset, recipe.aug, recipe.img_size, cfg.model)
+    sampler = GlobalBatchSampler(len(train_set), recipe.batch_size, recipe.seed, rank, world_size, cfg.grad_accum_steps)
+    seeded_train = SeededDataset(train_set, recipe.seed)
+    workers = max(0, min(cfg.workers, os.cpu_count() or 1))
+    batches = train_loader(seeded_train, sampler, workers, pin_memory)
+    per_rank = (len(val_set) + world_size - 1) // world_size
+    val_shard = Subset(val_set, range(rank * per_rank, min(len(val_set), (rank + 1) * per_rank)))
+    val_batch = max(recipe.batch_size // world_size, 1)
+    val = DataLoader(val_shard, val_batch, num_workers=workers, persistent_workers=workers > 0)
+
+    def train_batches(epoch: int) -> DataLoader:
+        sampler.set_epoch(epoch)
+        seeded_train.set_epoch(epoch)
+        return batches
+
+    return TrainData(train_batches, sampler.steps, lambda: val, num_classes)
