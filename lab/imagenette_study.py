@@ -180,11 +180,15 @@ def device_label(device: str) -> str:
     return f'cpu ({host_cpu()})' if device == 'cpu' else device
 
 
-def run_one(family: str, model: str, seed: int, data_dir: str, runs_dir: Path, workers: int) -> dict:
-    # the recipe's hash in the name: a run of another recipe is never resumed as this one
-    name, model_kwargs = split_spec(model)
+def run_dir(runs_dir: Path, model: str, seed: int, recipe: str) -> Path:
+    """A run's directory; the recipe's hash in the name: a run of another recipe is never resumed as this one."""
     slug = model.replace(':', '__').replace('=', '-').replace(',', '_')
-    out = runs_dir / f'{slug}_s{seed}_{hashlib.sha1(recipe_string(family).encode()).hexdigest()[:8]}'
+    return runs_dir / f'{slug}_s{seed}_{hashlib.sha1(recipe.encode()).hexdigest()[:8]}'
+
+
+def run_one(family: str, model: str, seed: int, data_dir: str, runs_dir: Path, workers: int) -> dict:
+    name, model_kwargs = split_spec(model)
+    out = run_dir(runs_dir, model, seed, recipe_string(family))
     cmd = [
         sys.executable,
         '-m',
@@ -206,6 +210,12 @@ def run_one(family: str, model: str, seed: int, data_dir: str, runs_dir: Path, w
     if (out / 'last_state.pt').is_file():
         cmd += ['--resume', str(out)]
     subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parents[1])  # python -m lab.train
+    return study_row(out, family, model, seed, recipe_string(family))
+
+
+def study_row(out: Path, family: str, model: str, seed: int, recipe: str) -> dict:
+    """The study's row of the finished run in ``out`` (a lab.train run directory)."""
+    name, model_kwargs = split_spec(model)
     metrics = json.loads((out / 'metrics.json').read_text())
     args = json.loads((out / 'args.json').read_text())
     img_size = args['recipe']['img_size']
@@ -216,7 +226,7 @@ def run_one(family: str, model: str, seed: int, data_dir: str, runs_dir: Path, w
         'family': family,
         'model': model,
         'seed': seed,
-        'recipe': recipe_string(family),
+        'recipe': recipe,
         'top1': round(final['val_top1'], 3),
         'top5': round(final['val_top5'], 3),
         'best_top1': round(max(r['val_top1'] for r in metrics), 3),

@@ -59,6 +59,7 @@ def test_gpu_family_runs_only_when_named_and_only_on_a_gpu(study, monkeypatch, c
 def test_gpu_study_packs_decodes_and_trains_a_row_on_the_cpu(tmp_path):
     """The GPU study's pipeline end to end at toy size on the CPU: pack, decode, augment, train, append a row."""
     import csv
+    import json
 
     from tests.helpers import make_image_folder
 
@@ -71,12 +72,17 @@ def test_gpu_study_packs_decodes_and_trains_a_row_on_the_cpu(tmp_path):
     crops = gpu_study.augment(data['train'][0], torch.Generator().manual_seed(0))
     assert crops.shape == (8, 3, 128, 128)
     runs = tmp_path / 'runs.csv'
-    argv = ['run', *map(str, shards), '--csv', str(runs), '--device', 'cpu', '--epochs', '1', '--batch-size', '4']
-    sys.path.insert(0, str(Path(gpu_study.__file__).parent))
-    try:
-        gpu_study.main([*argv, '--families', 'resnet18', '--models', 'resnet18_nam:nam_weighting=mean', '--seeds', '0'])
-    finally:
-        sys.path.remove(str(Path(gpu_study.__file__).parent))
+    argv = ['run', *map(str, shards), '--csv', str(runs), '--runs-dir', str(tmp_path / 'runs'), '--device', 'cpu']
+    argv += ['--epochs', '1', '--batch-size', '4', '--families', 'resnet18', '--seeds', '0']
+    argv += ['--models', 'resnet18_nam:nam_weighting=mean']
+    gpu_study.main(argv)
     (row,) = list(csv.DictReader(open(runs)))
     assert row['model'] == 'resnet18_nam:nam_weighting=mean' and row['family'] == 'resnet18_128'
     assert 0 <= float(row['top1']) <= 100 and float(row['penalty_p']) == 1e-4
+    # trained by the study trainer: its run directory, whose metrics the row reports
+    (run,) = (tmp_path / 'runs').iterdir()
+    assert {'last.safetensors', 'last_state.pt', 'args.json'} <= {f.name for f in run.iterdir()}
+    (metrics,) = json.loads((run / 'metrics.json').read_text())
+    assert float(row['top1']) == round(metrics['val_top1'], 3)
+    gpu_study.main(argv)  # done: neither trained nor written again
+    assert len(list(csv.DictReader(open(runs)))) == 1
