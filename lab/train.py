@@ -1,5 +1,7 @@
-"""The seeded study trainer's command line (``python -m lab.train``, from a checkout): what ``timm-nam train`` was
-before 0.2. The study scripts run it; users train with timm's own train.py (README)."""
+"""The seeded study trainer (``python -m lab.train``, from a checkout; ``timm-nam train`` before 0.2): train any
+timm-nam or timm model on an ImageFolder directory (<root>/train|val/<class>/...) or torch/cifar100 with the NAM
+sparsity penalty, exactly resumable; runs under torchrun (DDP). The study scripts run it; users train with timm's own
+train.py (README)."""
 
 import argparse
 import sys
@@ -22,12 +24,7 @@ def _penalty(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog='python -m lab.train',
-        description='The seeded study trainer: train any timm-nam or timm model on an ImageFolder directory '
-        '(<root>/train|val/<class>/...) or torch/cifar100 with the NAM sparsity penalty, exactly resumable. Runs '
-        'under torchrun (DDP).',
-    )
+    p = argparse.ArgumentParser(prog='python -m lab.train', description=__doc__)
     p.add_argument('--model', '-m', required=True, help='timm model name, e.g. mobilenetv2_nam or resnet50_cifar_nam')
     p.add_argument('--data-dir', required=True, help='dataset root')
     p.add_argument('--dataset', default='', help="'' for an ImageFolder root, or torch/cifar100 (torchvision layout)")
@@ -42,39 +39,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--opt')
     g.add_argument('--momentum', type=float)
     g.add_argument('--sched')
-    g.add_argument(
-        '--decay-milestones',
-        type=int,
-        nargs='+',
-        help="multistep: the first epochs trained at each decayed lr (as PyTorch's MultiStepLR; "
-        "timm's train.py decays one epoch earlier)",
-    )
+    milestones = "multistep: each decayed lr's first epoch (as PyTorch's MultiStepLR; timm's train.py: one earlier)"
+    g.add_argument('--decay-milestones', type=int, nargs='+', help=milestones)
     g.add_argument('--decay-rate', type=float)
     g.add_argument('--warmup-epochs', type=int)
-    g.add_argument(
-        '--sched-on-updates',
-        action='store_true',
-        default=None,
-        help="step the lr schedule every optimizer step (timm train.py's flag): a smooth warmup",
-    )
+    on_updates = "step the lr schedule every optimizer step (timm train.py's flag): a smooth warmup"
+    g.add_argument('--sched-on-updates', action='store_true', default=None, help=on_updates)
     g.add_argument('--smoothing', type=float)
     g.add_argument('--img-size', type=int)
     g.add_argument('--aug', choices=['cifar', 'imagenet'])
     g.add_argument('--seed', type=int)
     p.add_argument('--num-classes', type=int, help='default: the number of classes in the data')
     p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='K=V')
-    p.add_argument(
-        '--nam-penalty',
-        type=_penalty,
-        help="p of the sparsity penalty: a number (0 = off) or 'paper' (1e-4 ResNet, 1e-3 MobileNet); default: the "
-        "nam_penalty model kwarg if given, else 'paper'",
-    )
-    p.add_argument('--drop-path', dest='drop_path_rate', type=float)
-    p.add_argument(
-        '--initial-checkpoint',
-        help="start from these weights (a .safetensors file or a lab.train run directory): a plain network's, "
-        'converted exactly when --model is its NAM form (timm_nam.load_plain_weights)',
-    )
+    penalty = "p of the sparsity penalty: a number (0 = off) or 'paper' (1e-4 ResNet, 1e-3 MobileNet)"
+    p.add_argument('--nam-penalty', type=_penalty, help=f'{penalty}; default: the nam_penalty model kwarg, else paper')
+    p.add_argument('--drop-path', dest='drop_path_rate', type=float, metavar='RATE')
+    start = 'start from these weights (a .safetensors file or a lab.train run directory)'
+    p.add_argument('--initial-checkpoint', help=f"{start}: a plain network's, converted if --model is its NAM form")
     p.add_argument('--amp', action='store_true', help='mixed precision (autocast; GradScaler for float16)')
     p.add_argument('--amp-dtype', default='bfloat16', choices=['bfloat16', 'float16'])
     p.add_argument('--channels-last', action='store_true')
@@ -89,33 +70,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _train(args) -> int:
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
     overrides = {k: getattr(args, k) for k in RECIPE_FIELDS if getattr(args, k, None) is not None}
     if 'decay_milestones' in overrides:
         overrides['decay_milestones'] = tuple(overrides['decay_milestones'])
     options = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != 'recipe'}
-    cfg = TrainConfig(recipe=get_recipe(args.recipe_name, **overrides), **options)
     try:
-        rows = train(cfg)
+        rows = train(TrainConfig(recipe=get_recipe(args.recipe_name, **overrides), **options))
     except TrainingDivergedError as e:  # the run, not its input, went wrong; the message says what to try
         print(f'lab.train: error: {e}', file=sys.stderr)
         return 1
+    except (ValueError, FileNotFoundError) as e:  # bad input: say what is wrong, no traceback
+        print(f'lab.train: error: {e}', file=sys.stderr)
+        return 2
     if rows:
         best = max(rows, key=lambda r: r['val_top1'])
         print(
             f'best val top1 {best["val_top1"]:.2f} (top5 {best["val_top5"]:.2f}) at epoch {best["epoch"] + 1}; '
-            f'final top1 {rows[-1]["val_top1"]:.2f}; outputs in {cfg.output}'
+            f'final top1 {rows[-1]["val_top1"]:.2f}; outputs in {args.output}'
         )
     return 0
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return _train(args)
-    except (ValueError, FileNotFoundError) as e:  # bad input: say what is wrong, no traceback
-        print(f'lab.train: error: {e}', file=sys.stderr)
-        return 2
 
 
 if __name__ == '__main__':

@@ -1,12 +1,10 @@
 """Checkpoints of the study trainer (``python -m lab.train``).
 
-Weights go to safetensors (``last.safetensors``, ``best.safetensors``, ``last_ema.safetensors``) with the
-model name and kwargs in the file's metadata, and are read back with timm's `load_state_dict`. Everything needed to
-resume exactly (optimizer, scheduler, grad scaler, epoch, RNG states) goes to ``last_state.pt``, which holds only
-tensors and plain containers and is read with ``torch.load(weights_only=True)``. Files are written to a temporary name
-and renamed, so a run killed mid-write leaves the previous checkpoint intact; a file damaged some other way (a full
-disk, a cut-off copy) is a `DamagedCheckpointError` that names it. A run directory or a file in it stands for its
-checkpoint wherever one is read (`resolve_checkpoint`).
+Weights go to safetensors (last, best, last_ema) with the model name and kwargs in the metadata, read back with timm's
+`load_state_dict`; what an exact resume needs besides (optimizer, scheduler, scaler, epoch, RNG states, metrics) goes
+to ``last_state.pt``, plain containers of tensors read with ``torch.load(weights_only=True)``. Every file is written
+under a temporary name and renamed, so a run killed mid-write leaves the previous one whole; a file damaged some other
+way is a `DamagedCheckpointError` that names it and says what to do.
 """
 
 import contextlib
@@ -25,12 +23,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from timm.models import load_state_dict
 
-WEIGHTS_LAST, WEIGHTS_BEST, WEIGHTS_EMA, STATE_LAST = (
-    'last.safetensors',
-    'best.safetensors',
-    'last_ema.safetensors',
-    'last_state.pt',
-)
+WEIGHTS_LAST, WEIGHTS_BEST, WEIGHTS_EMA = 'last.safetensors', 'best.safetensors', 'last_ema.safetensors'
+STATE_LAST = 'last_state.pt'
 
 
 class CheckpointMismatchError(ValueError):
@@ -42,28 +36,22 @@ class DamagedCheckpointError(ValueError):
 
 
 @contextlib.contextmanager
-def _reading(path: Path, what_to_do: str) -> Iterator[None]:
+def _reading(path: Path) -> Iterator[None]:
     """A read error inside the block names the file, says what to do, and has no library traceback to read."""
     try:
         yield
     except (SafetensorError, EOFError, pickle.UnpicklingError, RuntimeError) as e:
-        raise DamagedCheckpointError(f'{path} is damaged and cannot be read ({e}); {what_to_do}') from None
+        advice = 'restore it from a copy'
+        if path.name in (WEIGHTS_LAST, STATE_LAST):  # a run's resume point: the run can also start afresh
+            advice += f', or delete {WEIGHTS_LAST} and {STATE_LAST} from {path.parent} to train that run afresh'
+        raise DamagedCheckpointError(f'{path} is damaged and cannot be read ({e}); {advice}') from None
 
 
-def _damaged_advice(path: Path) -> str:
-    if path.name == WEIGHTS_LAST:
-        return (
-            f'restore it from a copy, or delete {path.name} and {STATE_LAST} from {path.parent} to train that run '
-            f"afresh ({WEIGHTS_BEST} holds the best epoch's weights for export and evaluation)"
-        )
-    return 'restore it from a copy'
-
-
-def resolve_checkpoint(path, name: str = WEIGHTS_LAST) -> Path:
-    """The checkpoint ``path`` stands for: a file is itself, a run directory its ``name`` (``last.safetensors``)."""
+def resolve_checkpoint(path) -> Path:
+    """The checkpoint ``path`` stands for: a file is itself, a run directory its ``last.safetensors``."""
     p = Path(path)
     if p.is_dir():
-        p = p / name
+        p = p / WEIGHTS_LAST
         if not p.is_file():
             raise FileNotFoundError(f'No checkpoint in {path}: expected {p} (a run directory of lab.train)')
     elif not p.is_file():
@@ -88,12 +76,8 @@ def save_weights(model: nn.Module, path, model_name: str, model_kwargs: Optional
 
 def read_metadata(path) -> Dict[str, str]:
     path = Path(path)
-    with _reading(path, _damaged_advice(path)), safe_open(str(path), framework='pt') as f:
+    with _reading(path), safe_open(str(path), framework='pt') as f:
         return dict(f.metadata() or {})
-
-
-def _few(keys) -> str:
-    return ', '.join(keys[:5]) + (f' (+{len(keys) - 5} more)' if len(keys) > 5 else '')
 
 
 def load_weights(model: nn.Module, path, model_name: Optional[str] = None) -> Dict[str, str]:
@@ -104,32 +88,27 @@ def load_weights(model: nn.Module, path, model_name: Optional[str] = None) -> Di
     meta = read_metadata(path)
     if model_name is not None and meta.get('model') not in (None, model_name):
         raise CheckpointMismatchError(f'{path} holds a {meta["model"]!r} model, not {model_name!r}')
-    with _reading(path, _damaged_advice(path)):
+    with _reading(path):
         state = load_state_dict(str(path))
-    own = model.state_dict()
-    problems = {
-        'missing keys': sorted(own.keys() - state.keys()),
-        'unexpected keys': sorted(state.keys() - own.keys()),
-        'shape mismatch': sorted(k for k in own.keys() & state.keys() if own[k].shape != state[k].shape),
-    }
-    if any(problems.values()):
-        listed = '; '.join(f'{what}: {_few(keys)}' for what, keys in problems.items() if keys)
-        raise CheckpointMismatchError(f'{path} does not fit {type(model).__name__} ({listed})')
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # torch names the missing, unexpected and mis-shaped keys
+        raise CheckpointMismatchError(f'{path} does not fit {type(model).__name__}: {e}') from None
     return meta
 
 
 def rng_state() -> dict:
     """torch's, Python's and numpy's global RNG states as tensors and plain values (readable with weights_only)."""
-    np_state = np.random.get_state()
-    return {
-        'torch': torch.get_rng_state(),
-        'python': list(random.getstate()[1]),
-        'python_version': random.getstate()[0],
-        'python_gauss': random.getstate()[2],
-        'numpy': torch.from_numpy(np_state[1].astype(np.int64)),
-        'numpy_pos': int(np_state[2]),
-    }
+    version, python, gauss = random.getstate()
+    _, numpy, numpy_pos, *_ = np.random.get_state()
+    return dict(
+        torch=torch.get_rng_state(),
+        python=list(python),
+        python_version=version,
+        python_gauss=gauss,
+        numpy=torch.from_numpy(numpy.astype(np.int64)),
+        numpy_pos=int(numpy_pos),
+    )
 
 
 def set_rng_state(state: dict) -> None:
@@ -144,10 +123,7 @@ def save_train_state(path, **state) -> None:
 
 def load_train_state(path) -> dict:
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f'No training state at {path}')
-    advice = f'restore it from a copy, or delete it and {WEIGHTS_LAST} from {path.parent} to train that run afresh'
-    with _reading(path, advice):
+    with _reading(path):
         return torch.load(path, map_location='cpu', weights_only=True)
 
 

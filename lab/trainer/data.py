@@ -1,9 +1,6 @@
-"""Data for ``python -m lab.train``: timm datasets and transforms, with every random choice made reproducible.
-
-Each sample's augmentation is seeded from (seed, epoch, index), and each epoch's sample order from (seed, epoch). So a
-run resumed from an epoch checkpoint sees exactly the data of an uninterrupted run, and N processes under DDP see
-exactly the chunks one process sees with N accumulation steps.
-"""
+"""Data for ``python -m lab.train``: timm datasets and transforms, each sample's augmentation seeded from (seed, epoch,
+index) and each epoch's order from (seed, epoch). So a resumed run sees exactly the data of an uninterrupted one, and N
+processes under DDP see exactly the chunks one process sees with N accumulation steps."""
 
 import contextlib
 import os
@@ -28,11 +25,11 @@ def check_data_dir(data_dir: str, dataset: str) -> None:
     if not root.is_dir():
         raise FileNotFoundError(f'Data directory {str(root)!r} does not exist')
     if dataset in TORCH_DATASETS:
-        folder = TORCH_DATASETS[dataset]
-        if not (root / folder).is_dir():
+        folder = root / TORCH_DATASETS[dataset]
+        if not folder.is_dir():
             raise FileNotFoundError(
-                f"{dataset} expects torchvision's layout: {root / folder} (extract the python-version tarball "
-                f'into {root}); no download is attempted'
+                f"{dataset} expects torchvision's layout: {folder} (extract the python-version tarball into {root}); "
+                'no download is attempted'
             )
         return
     if dataset:
@@ -41,14 +38,11 @@ def check_data_dir(data_dir: str, dataset: str) -> None:
             f'{tuple(TORCH_DATASETS)}'
         )
     for split in ('train', 'val'):
-        d = root / split
-        if not d.is_dir():
+        if not (root / split).is_dir() or not any(p.is_dir() for p in (root / split).iterdir()):
             raise FileNotFoundError(
-                f'{root} is not an ImageFolder dataset: expected {d} with one sub-directory per class '
+                f'{root} is not an ImageFolder dataset: expected {root / split} with one sub-directory per class '
                 f'(<root>/train/<class>/*.jpg and <root>/val/<class>/*.jpg)'
             )
-        if not any(p.is_dir() for p in d.iterdir()):
-            raise FileNotFoundError(f'{d} has no class sub-directories')
 
 
 def _transforms(aug: str, img_size: int, mean, std, crop_pct: float):
@@ -84,13 +78,10 @@ def build_datasets(data_dir: str, dataset: str, aug: str, img_size: int, model_n
 
 
 class SeededDataset(Dataset):
-    """Wraps a dataset so each sample's random transform is seeded from (seed, epoch, index).
-
-    The transforms draw from the global RNGs (torchvision's from torch's, timm's from Python's ``random``) and take no
-    generator, so each item runs under the global RNGs seeded for it, and their states are put back afterwards:
-    the model's own randomness (dropout, drop-path) is then the same whether items are loaded in this process or in
-    worker processes.
-    """
+    """Wraps a dataset so each sample's random transform is seeded from (seed, epoch, index). The transforms draw from
+    the global RNGs (torchvision's from torch's, timm's from Python's) and take no generator, so each item runs under
+    the global RNGs seeded for it, and their states are put back afterwards: the model's own randomness (dropout,
+    drop-path) is then the same whether items are loaded in this process or in worker processes."""
 
     def __init__(self, dataset: Dataset, seed: int):
         self.dataset, self.seed, self.epoch = dataset, seed, 0
@@ -129,12 +120,9 @@ def train_loader(dataset: SeededDataset, sampler: Sampler, workers: int, pin_mem
 
 
 class GlobalBatchSampler(Sampler[List[int]]):
-    """Yields this process's micro-batches of each global batch, in order.
-
-    Each epoch is one permutation seeded from (seed, epoch); global batch ``b`` is split into ``world_size *
-    accum_steps`` equal chunks, and process ``rank`` takes chunks ``rank * accum_steps`` to ``rank * accum_steps +
-    accum_steps - 1``. The last partial global batch is dropped.
-    """
+    """Yields this process's micro-batches of each global batch, in order. Each epoch is one permutation seeded from
+    (seed, epoch); each global batch is split into ``world_size * accum_steps`` equal chunks, of which process ``rank``
+    takes the ``accum_steps`` from ``rank * accum_steps`` on. The last partial global batch is dropped."""
 
     def __init__(self, num_samples: int, global_batch: int, seed: int, rank=0, world_size=1, accum_steps=1):
         if global_batch % (world_size * accum_steps):

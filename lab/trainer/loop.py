@@ -28,8 +28,6 @@ from . import checkpoint as ckpt
 from .data import TrainData, image_data
 from .recipes import Recipe
 
-AMP_DTYPES = {'bfloat16': torch.bfloat16, 'float16': torch.float16}
-
 
 @dataclass
 class TrainConfig:
@@ -102,9 +100,8 @@ def evaluate(model: nn.Module, loader, device, amp_ctx, channels_last: bool) -> 
     loss_sum = top1_sum = top5_sum = n = 0.0
     criterion = nn.CrossEntropyLoss(reduction='sum')
     for images, target in loader:
-        images, target = images.to(device), target.to(device)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = images.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+        target = target.to(device)
         with amp_ctx():
             output = model(images)
         output = output.float()
@@ -127,17 +124,6 @@ def train(cfg: TrainConfig, data: Optional[TrainData] = None) -> List[dict]:
         if run.world_size > 1:
             dist.destroy_process_group()
     return run.rows
-
-
-def _init_device(name: str):
-    """The device and this process's place; under torchrun timm starts the process group (gloo on CPU, nccl on CUDA)."""
-    if name == 'auto':
-        name = 'cuda' if torch.cuda.is_available() else 'cpu'
-    env = SimpleNamespace(device=name)
-    device = init_distributed_device(env)  # and sets env.rank, env.local_rank, env.world_size
-    if device.type == 'cuda' and device.index is None:  # one process: args.json records the GPU by number
-        device = torch.device('cuda', torch.cuda.current_device())
-    return device, env.rank, env.local_rank, env.world_size
 
 
 def _check_model_name(name: str) -> None:
@@ -168,9 +154,14 @@ class Run:
     """One training run: built (or restored from its last checkpoint) once, then advanced epoch by epoch."""
 
     def __init__(self, cfg: TrainConfig, data: Optional[TrainData] = None):
-        self.cfg, recipe = cfg, cfg.recipe
-        self.device, self.rank, local_rank, self.world_size = _init_device(cfg.device)
-        self.is_main, self.out = self.rank == 0, Path(cfg.output)
+        self.cfg, recipe, self.out = cfg, cfg.recipe, Path(cfg.output)
+        auto = 'cuda' if torch.cuda.is_available() else 'cpu'
+        env = SimpleNamespace(device=auto if cfg.device == 'auto' else cfg.device)
+        # timm starts the process group under torchrun (gloo on CPU, nccl on CUDA) and sets env's ranks and world size
+        self.device = init_distributed_device(env)
+        if self.device.type == 'cuda' and self.device.index is None:  # one process: args.json names the GPU's number
+            self.device = torch.device('cuda', torch.cuda.current_device())
+        self.rank, self.world_size, self.is_main = env.rank, env.world_size, env.rank == 0
         resume_paths = ckpt.resolve_resume(cfg.resume) if cfg.resume else None
         _check_model_name(cfg.model)
         self.data = data or image_data(cfg, self.rank, self.world_size, pin_memory=self.device.type == 'cuda')
@@ -193,14 +184,14 @@ class Run:
         self.model_ema = ModelEmaV3(self.model, decay=cfg.model_ema_decay) if cfg.model_ema else None
         self.train_model = torch.compile(self.model) if cfg.compile else self.model
         if self.world_size > 1:
-            device_ids = [local_rank] if self.device.type == 'cuda' else None
+            device_ids = [env.local_rank] if self.device.type == 'cuda' else None
             self.train_model = nn.parallel.DistributedDataParallel(self.train_model, device_ids=device_ids)
         criterion = nn.CrossEntropyLoss(label_smoothing=recipe.smoothing)
         # the penalty is applied here and only here: the nam_penalty model kwarg was kept off the model (_build_model)
         self.loss_fn = NAMSparsityLoss(criterion, self.train_model, self.penalty_p) if self.penalty_p else criterion
         self.amp_ctx, self.loss_scaler = contextlib.nullcontext, None
         if cfg.amp:
-            self.amp_ctx = functools.partial(torch.autocast, self.device.type, dtype=AMP_DTYPES[cfg.amp_dtype])
+            self.amp_ctx = functools.partial(torch.autocast, self.device.type, dtype=getattr(torch, cfg.amp_dtype))
             self.loss_scaler = NativeScaler(self.device.type) if cfg.amp_dtype == 'float16' else None
         self.start_epoch, self.best_top1, self.rows = 0, -1.0, []
         if resume_paths:
@@ -226,8 +217,7 @@ class Run:
         if self.loss_scaler is not None and state.get('scaler'):
             self.loss_scaler.load_state_dict(state['scaler'])
         if self.model_ema is not None:
-            ema = self.out / ckpt.WEIGHTS_EMA
-            ckpt.load_weights(self.model_ema.module, ema if ema.is_file() else weights.parent / ckpt.WEIGHTS_EMA)
+            ckpt.load_weights(self.model_ema.module, weights.parent / ckpt.WEIGHTS_EMA)
         ckpt.set_rng_state(state['rng'])
         self.start_epoch, self.best_top1 = int(state['epoch']) + 1, float(state['best_top1'])
         if 'metrics' in state:
@@ -244,7 +234,9 @@ class Run:
         meters, num_images = self._train_one_epoch(epoch)
         epoch_time = time.perf_counter() - start
         self.scheduler.step(epoch + 1)
-        self._check_finite_weights(epoch)
+        # a finite loss can still end in weights that are not (the last step of an epoch); those are never saved
+        if not all(torch.isfinite(t).all() for t in self.model.state_dict().values() if t.is_floating_point()):
+            raise self._diverged(f'the weights are not finite after epoch {epoch + 1}')
 
         val = self._validate(self.model)
         ema_val = self._validate(self.model_ema.module) if self.model_ema is not None else {}
@@ -302,8 +294,9 @@ class Run:
                 loss_m.update(losses[-1] - pen, images.shape[0])
                 pen_m.update(pen, images.shape[0])
                 top1_m.update(accuracy(output.detach().float(), target, topk=(1,))[0].item(), images.shape[0])
-                if last:  # before the backward that ends in the optimizer step
-                    self._stop_if_diverged(losses, epoch, step)
+                # before the step, and every process together (one alone stopping would leave the others waiting)
+                if last and _sum_over_processes([float(not all(map(math.isfinite, losses)))], self.device)[0] > 0:
+                    raise self._diverged(f'the loss is {losses[-1]} at epoch {epoch + 1}, step {step + 1}')
                 if self.loss_scaler is not None:  # float16: backward, and with the last micro-batch the step
                     self.loss_scaler(loss / accum, self.optimizer, need_update=last)
                 else:
@@ -317,23 +310,11 @@ class Run:
         self.scheduler.step_update(global_step + 1)
         return num_images
 
-    def _stop_if_diverged(self, losses: List[float], epoch: int, step: int) -> None:
-        # every process decides together (one of them alone stopping would leave the others waiting in DDP)
-        if _sum_over_processes([float(not all(math.isfinite(v) for v in losses))], self.device)[0] > 0:
-            raise TrainingDivergedError(
-                f'the loss is {losses[-1]} at epoch {epoch + 1}, step {step + 1} (lr '
-                f'{self.optimizer.param_groups[0]["lr"]:g}): training diverged. Try a lower learning rate (--lr). '
-                f'Nothing of this epoch was saved; the checkpoints in {self.out} are those of the last finished epoch.'
-            )
-
-    def _check_finite_weights(self, epoch: int) -> None:
-        """A finite loss can still end in weights that are not (the last step of an epoch); those are never saved."""
-        if all(torch.isfinite(t).all() for t in self.model.state_dict().values() if t.is_floating_point()):
-            return
-        raise TrainingDivergedError(
-            f'the weights are not finite after epoch {epoch + 1} (lr {self.optimizer.param_groups[0]["lr"]:g}): '
-            f'training diverged. Try a lower learning rate (--lr). The checkpoints in {self.out} are those of the last '
-            'finished epoch.'
+    def _diverged(self, what: str) -> TrainingDivergedError:
+        return TrainingDivergedError(
+            f'{what} (lr {self.optimizer.param_groups[0]["lr"]:g}): training diverged. Try a lower learning rate '
+            f'(--lr). Nothing of this epoch was saved; the checkpoints in {self.out} are those of the last finished '
+            'epoch.'
         )
 
     def _save(self, epoch: int, row: dict) -> None:

@@ -3,8 +3,6 @@
 from dataclasses import dataclass, field, fields, replace
 from typing import Tuple
 
-__all__ = ['Recipe', 'RECIPES', 'get_recipe']
-
 
 @dataclass(frozen=True)
 class Recipe:
@@ -28,10 +26,9 @@ class Recipe:
 
 
 RECIPES = {
-    # The authors' CIFAR-100 script (Christian-lyc/NAM): torch SGD with momentum 0.9 (not Nesterov: timm's
-    # 'sgd' is Nesterov, 'momentum' is plain), lr 0.1, wd 5e-4 on all params, batch 128, 200 epochs, lr x0.2 at
-    # 60/120/160, crop 32 pad 4 + flip, seed 1234. (Their script normalized with CIFAR-10's mean/std by mistake;
-    # we use CIFAR-100's.)
+    # The authors' CIFAR-100 script (Christian-lyc/NAM): torch SGD with momentum 0.9 (not Nesterov: timm's 'sgd' is
+    # Nesterov, 'momentum' is plain), lr 0.1, wd 5e-4 on all params, batch 128, 200 epochs, lr x0.2 at 60/120/160, crop
+    # 32 pad 4 + flip, seed 1234. (Their script normalized with CIFAR-10's mean/std by mistake; we use CIFAR-100's.)
     'cifar': Recipe(
         epochs=200,
         batch_size=128,
@@ -47,19 +44,14 @@ RECIPES = {
         seed=1234,
         description="the NAM authors' CIFAR-100 recipe",
     ),
-    # A conventional ImageNet-style SGD recipe (the paper gives none for MobileNetV2/ImageNet).
+    # A conventional ImageNet-style SGD recipe on Recipe's defaults (the paper gives none for MobileNetV2/ImageNet).
     'imagenet': Recipe(
         epochs=100,
         batch_size=256,
         lr=0.1,
         weight_decay=1e-4,
-        opt='sgd',
-        sched='cosine',
         warmup_epochs=5,
         smoothing=0.1,
-        img_size=224,
-        aug='imagenet',
-        seed=42,
         description='ImageNet-style: SGD, cosine schedule with warmup, label smoothing',
     ),
 }
