@@ -7,14 +7,10 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-
-# timm reads 'local-dir:' model names from 1.0.16 on; older releases load the same files through 'hf-hub:' only
-TIMM_LOCAL_DIR = tuple(int(p) for p in timm.__version__.split('.')[:3]) >= (1, 0, 16)
 
 
 def make_image_folder(root: Path, classes: int = 2, per_class: int = 4, size: int = 32, seed: int = 0) -> Path:

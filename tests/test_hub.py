@@ -17,7 +17,6 @@ from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
 
 from tests.helpers import (
-    TIMM_LOCAL_DIR,
     hf_cache_snapshot,
     make_image_folder,
     offline_hub_env,
@@ -234,7 +233,7 @@ def test_pretrained_true_reports_only_loading_errors_as_such(tmp_path):
 
 
 def test_pretrained_true_offline_through_timm_hub_loader(exported, tmp_path):
-    names = [f'hf-hub:{REPO}'] + ([f'local-dir:{exported}'] if TIMM_LOCAL_DIR else [])
+    names = [f'hf-hub:{REPO}', f'local-dir:{exported}']
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     torch.save(x, tmp_path / 'x.pt')
     expected = _reference(exported, x)

@@ -12,7 +12,7 @@ from timm.models import get_pretrained_cfg_value
 from timm.models._hub import save_for_hf  # not re-exported by timm.models before 1.0.16
 
 import timm_nam  # noqa: F401  registers the models also when TIMM_DISABLE_PLUGINS is set
-from tests.helpers import PAPER_PARAMS, TIMM_LOCAL_DIR
+from tests.helpers import PAPER_PARAMS
 from timm_nam import NAM, NAMChannel, NAMSpatial
 from timm_nam.layers import NormNAM
 
@@ -315,7 +315,6 @@ def test_model_compiles_with_the_default_backend(name):
         torch.testing.assert_close(b, buffers[n], rtol=1e-4, atol=1e-5, msg=n)
 
 
-@pytest.mark.skipif(not TIMM_LOCAL_DIR, reason="timm before 1.0.16 reads no 'local-dir:' names")
 def test_save_for_hf_roundtrip(tmp_path):
     """Named architectures serialize: save_for_hf refuses class-valued kwargs."""
     model = timm.create_model('resnet50_cifar_nam_sp').eval()

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import TIMM_LOCAL_DIR, make_image_folder
+from tests.helpers import make_image_folder
 
 _BESIDE = Path(__file__).resolve().parents[2] / 'shared' / 'upstream' / 'timm-train.py'
 TRAIN_PY = os.environ.get('TIMM_TRAIN_PY') or (str(_BESIDE) if _BESIDE.is_file() else None)
@@ -172,9 +172,6 @@ def test_a_train_py_run_exports_for_the_hub_and_loads_back(data_dir, tmp_path):
     assert 'p = 0.0001' in (out / 'README.md').read_text()
     x = torch.randn(2, 3, 48, 48)
     expected = create_model_from_run(read_run(run))(x)  # model_best.pth.tar
-    name = f'local-dir:{out}' if TIMM_LOCAL_DIR else f'hf-hub:{out}'  # older timm reads the same files as hf-hub:
-    if not TIMM_LOCAL_DIR:
-        pytest.skip('local-dir: model names need timm >= 1.0.16')
-    loaded = timm.create_model(name, pretrained=True).eval()
+    loaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
     assert timm.data.resolve_data_config({}, model=loaded)['input_size'] == (3, 48, 48)
     torch.testing.assert_close(loaded(x), expected)
