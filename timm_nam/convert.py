@@ -27,8 +27,10 @@ from .models._placement import insert_nam
 
 __all__ = ['add_nam', 'load_plain_weights', 'plain_to_nam_state_dict', 'SCALE_INIT']
 
-# NAM's scale γ at the start of a converted gate (see the module docstring for the choice)
+# NAM's scale γ at the start of a converted gate, and the largest slope of the gate's argument at that start (the
+# module docstring explains both)
 SCALE_INIT = 0.5
+GATE_SLOPE = 1 / 256
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -48,8 +50,16 @@ def _norm_output_stats(plain: StateDict, prefix: str, eps: float) -> Tuple[torch
     return beta, gamma.square() * var / (var + eps)
 
 
-def _gate_state(gate: nn.Module, mean: torch.Tensor, var: torch.Tensor, scale_init: float) -> StateDict:
-    """A fresh gate's state (scale ``scale_init``, shift 0) with the running statistics of its input, whose per-channel
+def start_scale(gate: nn.Module, scale_init: float = SCALE_INIT, max_slope: float = GATE_SLOPE) -> float:
+    """The scale a converted gate starts with: ``scale_init``, or less where the gate's slope at the start, its weight
+    times its scale (``s/n`` with the paper's weighting over n channels or pixels, ``s`` with ``'mean'``), would
+    exceed ``max_slope``."""
+    weight = 1.0 / gate.bn.num_features if gate.weighting == 'sum' else 1.0
+    return min(scale_init, max_slope / weight)
+
+
+def _gate_state(gate: nn.Module, mean: torch.Tensor, var: torch.Tensor, scale: float) -> StateDict:
+    """A fresh gate's state (scale ``scale``, shift 0) with the running statistics of its input, whose per-channel
     mean and variance are ``mean`` and ``var``."""
     bn = gate.bn
     if isinstance(gate, NAMSpatial):  # per pixel, over channels (the law of total variance): alike at every pixel
@@ -58,7 +68,7 @@ def _gate_state(gate: nn.Module, mean: torch.Tensor, var: torch.Tensor, scale_in
         mean, var = pixel_mean.expand(bn.num_features), pixel_var.expand(bn.num_features)
     like = dict(dtype=bn.running_mean.dtype, device=bn.running_mean.device)
     return {
-        'weight': torch.full_like(bn.weight, scale_init),
+        'weight': torch.full_like(bn.weight, scale),
         'bias': torch.zeros_like(bn.bias),
         'running_mean': mean.to(**like).clone(),
         'running_var': var.to(**like).clone(),
@@ -66,7 +76,9 @@ def _gate_state(gate: nn.Module, mean: torch.Tensor, var: torch.Tensor, scale_in
     }
 
 
-def plain_to_nam_state_dict(state_dict: StateDict, model: nn.Module, scale_init: float = SCALE_INIT) -> StateDict:
+def plain_to_nam_state_dict(
+    state_dict: StateDict, model: nn.Module, scale_init: float = SCALE_INIT, max_slope: float = GATE_SLOPE
+) -> StateDict:
     """The state dict of a plain timm network of ``model``'s architecture, converted for ``model`` (its NAM form; see
     the module docstring). A state dict that already has NAM's keys is returned unchanged, so this serves as the
     ``pretrained_filter_fn`` of every NAM model. Raises ValueError naming the norm whose weights are missing or
@@ -100,7 +112,8 @@ def plain_to_nam_state_dict(state_dict: StateDict, model: nn.Module, scale_init:
         mean, var = mean * gain, var * gain**2
         for gate in gates:
             gate_prefix = f'{prefix}nam.' + ('bn.' if gate is site.nam else f'{_child_name(site.nam, gate)}.bn.')
-            out.update({f'{gate_prefix}{k}': v for k, v in _gate_state(gate, mean, var, scale_init).items()})
+            scale = start_scale(gate, scale_init, max_slope)
+            out.update({f'{gate_prefix}{k}': v for k, v in _gate_state(gate, mean, var, scale).items()})
             mean, var = mean / 2, var / 4
     return out
 
@@ -131,7 +144,10 @@ def _read_weights(source) -> Tuple[StateDict, str]:
 
 
 def load_plain_weights(
-    model: nn.Module, source: Union[str, Path, dict, nn.Module], scale_init: float = SCALE_INIT
+    model: nn.Module,
+    source: Union[str, Path, dict, nn.Module],
+    scale_init: float = SCALE_INIT,
+    max_slope: float = GATE_SLOPE,
 ) -> nn.Module:
     """Load a plain timm network's weights into the NAM model ``model``, converted exactly (module docstring).
 
@@ -143,7 +159,7 @@ def load_plain_weights(
     state, where = _read_weights(source)
     name = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or type(model).__name__
     try:
-        state = plain_to_nam_state_dict(state, model, scale_init)
+        state = plain_to_nam_state_dict(state, model, scale_init, max_slope)
     except ValueError as e:
         raise ValueError(f'Cannot load {where} into {name}: {e}') from None
     own = model.state_dict()
@@ -166,7 +182,9 @@ def add_nam(
     model: nn.Module,
     kind: str = 'nam',
     img_size=None,
+    blocks_without_skip: bool = False,
     scale_init: float = SCALE_INIT,
+    max_slope: float = GATE_SLOPE,
     weighting: str = 'sum',
     grad_through_weights: bool = False,
 ) -> nn.Module:
@@ -186,6 +204,7 @@ def add_nam(
     ValueError naming it and the reason, and is left unchanged.
     """
     plain = model.state_dict()
-    insert_nam(model, kind, img_size=img_size, weighting=weighting, grad_through_weights=grad_through_weights)
-    model.load_state_dict(plain_to_nam_state_dict(plain, model, scale_init))
+    options = dict(weighting=weighting, grad_through_weights=grad_through_weights)
+    insert_nam(model, kind, img_size=img_size, blocks_without_skip=blocks_without_skip, **options)
+    model.load_state_dict(plain_to_nam_state_dict(plain, model, scale_init, max_slope))
     return model

@@ -39,7 +39,7 @@ __all__ = [
     'disable_penalty',
 ]
 
-# p of Eq. 4 used in the paper, by model family
+# p of Eq. 4 used in the paper, by the network it trained (`paper_penalty` says which applies to a network)
 PAPER_PENALTY = {'resnet': 1e-4, 'mobilenet': 1e-3}
 PenaltyValue = Union[float, str, None]
 
@@ -67,13 +67,13 @@ def nam_scales(model: nn.Module) -> List[nn.Parameter]:
 
 
 def paper_penalty(model: nn.Module) -> float:
-    """The paper's p for ``model``'s family: 1e-4 for ResNets (CIFAR-100), 1e-3 for MobileNet-style nets."""
-    model = _unwrap(model)
-    name = ((getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or type(model).__name__).lower()
-    for family, keys in (('resnet', ('resnet',)), ('mobilenet', ('mobilenet', 'efficientnet'))):
-        if any(k in name for k in keys):
-            return PAPER_PENALTY[family]
-    raise ValueError(f'No paper value of p for {name!r}; pass p explicitly.')
+    """The paper's p for a network of ``model``'s build, decided by what it is built from, not by its name: 1e-3
+    (the paper's MobileNetV2 on ImageNet) for networks with depthwise convolutions, as MobileNets, EfficientNets and
+    other inverted-residual networks are; 1e-4 (the paper's ResNet-50 on CIFAR-100) for the others."""
+    depthwise = any(
+        isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels for m in _unwrap(model).modules()
+    )
+    return PAPER_PENALTY['mobilenet' if depthwise else 'resnet']
 
 
 def parse_penalty(value: PenaltyValue) -> PenaltyValue:
@@ -94,9 +94,9 @@ def resolve_penalty(model: nn.Module, p: PenaltyValue = None, model_kwarg: Penal
     """The p that ``model`` trains with: the one rule behind every way of asking for the penalty.
 
     ``p`` is the value asked for directly, ``model_kwarg`` the model kwarg ``nam_penalty``; both name the same p, so
-    when both are given they must agree. Neither given, or ``'paper'``: the paper's value for the model's family, and
-    0 for a model without NAM layers (a baseline). An explicit p > 0 for a model without NAM layers is an error:
-    there is nothing it could apply to.
+    when both are given they must agree. Neither given, or ``'paper'``: the paper's value for the network's build
+    (`paper_penalty`), and 0 for a model without NAM layers (a baseline). An explicit p > 0 for a model without NAM
+    layers is an error: there is nothing it could apply to.
     """
     p, model_kwarg = parse_penalty(p), parse_penalty(model_kwarg)
     if p is not None and model_kwarg is not None and p != model_kwarg:
@@ -142,8 +142,8 @@ class NAMSparsityLoss(nn.Module):
     Args:
         criterion: the task loss, called as ``criterion(output, target)``.
         model: the model being trained (may be wrapped by DDP or torch.compile; not an EMA copy).
-        p: penalty weight; None or 'paper' takes the paper's value for the model family (1e-4 ResNet, 1e-3
-            MobileNetV2); see `resolve_penalty`.
+        p: penalty weight; None or 'paper' takes the paper's value for the network's build (`paper_penalty`: 1e-3
+            with depthwise convolutions, else 1e-4); see `resolve_penalty`.
     """
 
     def __init__(self, criterion: Callable, model: nn.Module, p: PenaltyValue = None):

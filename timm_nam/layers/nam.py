@@ -20,9 +20,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import to_2tuple
-
-from ._compat import register_notrace_function
+from timm.layers import register_notrace_function, to_2tuple
 
 __all__ = ['NAMChannel', 'NAMSpatial', 'NAM', 'NAMGate', 'nam_weights', 'folded_gate', 'affine']
 

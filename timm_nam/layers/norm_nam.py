@@ -14,10 +14,9 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-from timm.layers import BatchNormAct2d, is_exportable, is_scriptable
+from timm.layers import BatchNormAct2d, is_exportable, is_scriptable, register_notrace_module
 from torch.autograd.function import once_differentiable
 
-from ._compat import register_notrace_module
 from .nam import NAMChannel, affine
 
 __all__ = ['NormNAM', 'NormNAMMe', 'norm_nam']

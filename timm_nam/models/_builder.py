@@ -32,8 +32,9 @@ def build_nam_model(model_cls, variant: str, pretrained: bool, **kwargs):
 
     * ``img_size``: passed to the model (spatial NAM is built for it); the model's cfg then states it.
       Fixed-size models default to their pretrained cfg's input size, so a tag trained at 64 px builds at 64 px.
-    * ``nam_penalty``: p of the paper's sparsity penalty (a float, or 'paper' for the family's value; see
-      `timm_nam.penalty.resolve_penalty`), applied at every ``optimizer.step()`` (`timm_nam.penalty.enable_penalty`).
+    * ``nam_penalty``: p of the paper's sparsity penalty (a float, or 'paper' for the paper's value for the network,
+      `timm_nam.penalty.paper_penalty`; see `timm_nam.penalty.resolve_penalty`), applied at every
+      ``optimizer.step()`` (`timm_nam.penalty.enable_penalty`).
       This is how timm's train.py trains with the penalty: ``--model-kwargs nam_penalty=1e-4``.
 
     Pretrained weights load through timm's loader; plain weights (the ``plain_*`` tags: timm's own ImageNet weights)

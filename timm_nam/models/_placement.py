@@ -1,21 +1,30 @@
-"""Where NAM goes in timm's networks: after the last norm of every residual / inverted-residual block.
+"""Where NAM goes in a timm network, found from the network itself: after the batch norm that ends each residual
+branch, before the residual add.
 
-One table says which norm that is for each timm block type; `insert_nam` replaces each such norm with a `NormNAM`
-(the norm, the gate on its output, and the activation that followed the norm, if any). The registered models and
-`timm_nam.add_nam` both place NAM this way, so a plain timm network with NAM added has the structure, state-dict keys
-and behaviour of the registered NAM model of the same architecture.
+The network is traced with torch.fx (batch norms, NAM sites and timm's no-trace modules as leaves) and run once on a
+zero image to know each tensor's shape. Every add of two tensors of one shape is a residual add; of its two operands
+the one computed later (the longer path from the input) is the branch, the other the shortcut (identity or a
+projection). The branch is walked back through what keeps its values in place — identity, dropout, drop-path,
+activations, layer scale and other broadcast scales, an attention gate ``x * g`` — to the batch norm it ends in
+(a norm-act counts as a norm; its activation then runs behind the gate). Inverted-residual blocks without a skip
+(timm marks its EfficientNet-family blocks with ``has_skip``) have no add; the paper's MobileNetV2 counts them, so
+their output is walked back alike when ``blocks_without_skip`` is set. `insert_nam` replaces each such norm with a
+`NormNAM` (the norm, the gate on its output, and the norm's activation, if any).
 """
 
-import functools
+import operator
+from collections import Counter
 from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
-from timm.layers import to_2tuple
+import torch.nn.functional as F
+from timm.layers import get_notrace_functions, get_notrace_modules, to_2tuple
 
 from ..layers import NAM, NAMChannel, NAMSpatial, NormNAM, norm_nam
 
-__all__ = ['NAM_KINDS', 'nam_sites', 'insert_nam', 'create_nam', 'NAMPlacementError']
+__all__ = ['NAM_KINDS', 'nam_sites', 'insert_nam', 'create_nam', 'NAMPlacementError', 'model_name']
 
 # NAM kinds as the model names' suffixes say them
 NAM_KINDS = {
@@ -24,93 +33,199 @@ NAM_KINDS = {
     'nam_chsp': 'channel then spatial attention',
 }
 _LAYERS = {'nam': NAMChannel, 'nam_sp': NAMSpatial, 'nam_chsp': NAM}
+_BatchNorm = nn.modules.batchnorm._BatchNorm
+
+_ADDS = {operator.add, operator.iadd, torch.add, 'add', 'add_'}
+_SCALES = {operator.mul, operator.imul, torch.mul, 'mul', 'mul_'} | _ADDS  # broadcast scales and shifts pass
+_UNARY = {F.relu, F.relu6, F.leaky_relu, F.silu, F.gelu, F.hardswish, F.mish, F.dropout, torch.relu}
+_UNARY |= {'relu', 'relu_', 'contiguous', 'clone'}
+_IDENTITY_MODULES = ('torch.nn.modules.dropout', 'timm.layers.drop')
+_VALUE_MODULES = ('torch.nn.modules.activation', 'timm.layers.activations')
 
 
 class NAMPlacementError(ValueError):
     """NAM cannot be placed in this network (it names the network and the reason)."""
 
 
-@functools.lru_cache(maxsize=None)
-def _block_norms() -> Tuple[Tuple[type, str, bool], ...]:
-    """(timm block type, path of the norm whose output ends its residual branch, whether only blocks with a skip
-    connection count). The inverted-residual family counts with or without skip, as the paper's MobileNetV2 does."""
-    from timm.models import _efficientnet_blocks as eb
-    from timm.models import cspnet, regnet, resnet
-
-    return (
-        (resnet.BasicBlock, 'bn2', False),
-        (resnet.Bottleneck, 'bn3', False),
-        (eb.DepthwiseSeparableConv, 'bn2', False),
-        (eb.InvertedResidual, 'bn3', False),  # also CondConvResidual
-        (eb.EdgeResidual, 'bn2', False),
-        (eb.ConvBnAct, 'bn1', True),  # a plain conv block, residual only with its skip
-        (regnet.Bottleneck, 'conv3.bn', False),
-        (cspnet.BottleneckBlock, 'conv3.bn', False),
-        (cspnet.DarkBlock, 'conv2.bn', False),
-        (cspnet.EdgeBlock, 'conv2.bn', False),
-    )
-
-
-def _norm_path(block: nn.Module) -> Optional[str]:
-    for block_type, path, skip_only in _block_norms():
-        if isinstance(block, block_type):
-            return path if not skip_only or block.has_skip else None
-    return None
-
-
-def nam_sites(model: nn.Module) -> List[str]:
-    """The names of the norms NAM gates in ``model``: the last norm of each residual block of a kind in the table."""
-    return [f'{name}.{path}' if name else path for name, m in model.named_modules() if (path := _norm_path(m))]
-
-
-def _model_name(model: nn.Module) -> str:
+def model_name(model: nn.Module) -> str:
+    """A timm model's architecture name (its class name where it has no pretrained cfg)."""
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     return cfg.get('architecture') or type(model).__name__
 
 
-def _check_sites(model: nn.Module, sites: List[str]) -> None:
-    name = _model_name(model)
+class _Tracer(fx.Tracer):
+    def __init__(self):
+        super().__init__(autowrap_functions=tuple(get_notrace_functions()))
+        self._leaves = (_BatchNorm, NormNAM, *get_notrace_modules())
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, self._leaves) or super().is_leaf_module(m, qualname)
+
+
+def _shaped_graph(model: nn.Module, img_size) -> fx.GraphModule:
+    """``model`` traced, each node's output shape recorded for a zero image of ``img_size`` (eval mode, no
+    gradients; every module's mode restored)."""
+    name = model_name(model)
+    try:
+        graph = fx.GraphModule(model, _Tracer().trace(model))
+    except Exception as e:
+        raise NAMPlacementError(
+            f'Cannot add NAM to {name}: torch.fx cannot trace it ({type(e).__name__}: {str(e).splitlines()[0]})'
+        ) from None
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first is None:
+        raise NAMPlacementError(f'Cannot add NAM to {name}: it has no 2D convolution')
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            x = first.weight.new_zeros(1, first.in_channels, *to_2tuple(img_size))
+            fx.passes.shape_prop.ShapeProp(graph).propagate(x)
+    except Exception as e:
+        size = 'x'.join(map(str, x.shape[-2:]))
+        why = str(e.__cause__ or e).splitlines()[0]
+        raise NAMPlacementError(f'Cannot add NAM to {name}: its traced graph fails on a {size} image ({why})') from None
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return graph
+
+
+def _shape(arg) -> Optional[torch.Size]:
+    meta = arg.meta.get('tensor_meta') if isinstance(arg, fx.Node) and arg.op != 'get_attr' else None
+    return getattr(meta, 'shape', None)
+
+
+def _full_operands(node: fx.Node) -> List[fx.Node]:
+    """The operands of an element-wise op that have its output's shape (the others are broadcast into it)."""
+    shape = _shape(node)
+    return [a for a in node.args[:2] if shape is not None and _shape(a) == shape]
+
+
+def _target(node: fx.Node):
+    return node.target if node.op in ('call_function', 'call_method') else None
+
+
+def _step_back(graph: fx.GraphModule, node: fx.Node, through: str = 'values') -> Optional[fx.Node]:
+    """The input whose values ``node`` keeps in place, or None where ``node`` computes new ones: ``through='values'``
+    passes identity, dropout, drop-path, activations and broadcast scales and gates (``x·γ``, ``x·g``, ``x + β``);
+    ``'identity'`` only the first three."""
+    if node.op == 'call_module':
+        module = graph.get_submodule(node.target)
+        kind = type(module).__module__
+        passes = isinstance(module, nn.Identity) or kind.startswith(_IDENTITY_MODULES)
+        passes |= through == 'values' and kind.startswith(_VALUE_MODULES)
+        return node.args[0] if passes and len(node.args) == 1 else None
+    if through != 'values':
+        return None
+    target = _target(node)
+    if target in _UNARY:
+        return node.args[0]
+    full = _full_operands(node) if target in _SCALES else []
+    return full[0] if len(full) == 1 else None
+
+
+def _branch_end(graph: fx.GraphModule, node: fx.Node, through: str = 'values') -> Tuple[fx.Node, Optional[nn.Module]]:
+    """Walk back from ``node`` (`_step_back`) to the node that computes its values, and that node's module (None for
+    a function)."""
+    while (previous := _step_back(graph, node, through)) is not None:
+        node = previous
+    return node, graph.get_submodule(node.target) if node.op == 'call_module' else None
+
+
+def _linear_norm(module: Optional[nn.Module]) -> bool:
+    return isinstance(module, _BatchNorm) and isinstance(getattr(module, 'act', None), (nn.Identity, type(None)))
+
+
+def _depths(graph: fx.Graph) -> Dict[fx.Node, int]:
+    """The longest path from the input to each node: of a residual add's operands, the branch is the deeper one."""
+    depth = {}
+    for node in graph.nodes:
+        depth[node] = 1 + max((depth[a] for a in node.all_input_nodes), default=-1)
+    return depth
+
+
+def _block_output(graph: fx.GraphModule, path: str) -> Optional[fx.Node]:
+    inside = [n for n in graph.graph.nodes if path in n.meta.get('nn_module_stack', {})]
+    return inside[-1] if inside else None
+
+
+def _find_sites(model: nn.Module, img_size, blocks_without_skip: bool) -> Tuple[Dict[str, torch.Size], Counter]:
+    """The norms that end a residual branch (and, with ``blocks_without_skip``, a block without a skip), each with
+    its output shape, in module order; and what the other residual branches end in."""
+    graph = _shaped_graph(model, img_size)
+    depth = _depths(graph.graph)
+    ends, others = [], Counter()
+    for node in graph.graph.nodes:
+        if _target(node) in _ADDS and len(full := _full_operands(node)) == 2 and depth[full[0]] != depth[full[1]]:
+            ends.append(_branch_end(graph, max(full, key=depth.get)))
+    if blocks_without_skip:  # those that end in a linear norm, as inverted residuals do
+        outputs = [_block_output(graph, n) for n, m in model.named_modules() if getattr(m, 'has_skip', True) is False]
+        blocks = [_branch_end(graph, out, through='identity') for out in outputs if out is not None]
+        ends += [(node, m) for node, m in blocks if _linear_norm(m)]
+    sites = {}
+    for node, module in ends:
+        if isinstance(module, (_BatchNorm, NormNAM)):
+            sites[node.target] = _shape(node)
+        else:
+            others[_what(node, module)] += 1
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return dict(sorted(sites.items(), key=lambda site: order[site[0]])), others
+
+
+def _what(node: fx.Node, module: Optional[nn.Module]) -> str:
+    """What computes a node: its module's type, or its function's or method's name."""
+    if module is not None:
+        return type(module).__name__
+    name = str(getattr(node.target, '__name__', node.target))
+    return {'getitem': 'a slice (getitem)', 'cat': 'a concatenation (cat)'}.get(name, name)
+
+
+def _refusal(model: nn.Module, others: Counter) -> str:
+    if not any(isinstance(m, _BatchNorm) for m in model.modules()):
+        return "it has no batch norm (NAM gates a batch norm's output with that norm's statistics)"
+    if not others:
+        return 'it has no residual add (NAM gates the branch of a residual block, before the add)'
+    found = ', '.join(f'{t} ×{n}' for t, n in others.most_common())
+    kind = ' (pre-activation blocks)' if set(others) <= {'Conv2d', 'Conv2dSame'} else ''
+    return f'none of its residual branches ends in a batch norm; they end in {found}{kind}'
+
+
+def nam_sites(model: nn.Module, blocks_without_skip: bool = False, img_size=None) -> List[str]:
+    """The names of the norms NAM gates in ``model`` (see the module docstring); raises `NAMPlacementError` where
+    there are none. ``img_size``: the input it is traced with (default: 64 px, or the model's own size where it
+    takes no other)."""
+    return list(_sites(model, blocks_without_skip, img_size))
+
+
+def _sites(model: nn.Module, blocks_without_skip: bool, img_size) -> Dict[str, torch.Size]:
+    if not any(isinstance(m, _BatchNorm) for m in model.modules()):
+        raise NAMPlacementError(f'Cannot add NAM to {model_name(model)}: {_refusal(model, Counter())}')
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    own = tuple((cfg.get('input_size') or (3, 224, 224))[-2:])
+    # shapes are all that is needed: a small image, unless the network takes only its own size (or no small one)
+    sizes = [img_size] if img_size is not None else [own] if cfg.get('fixed_input_size') else [(64, 64), own]
+    for size in sizes:
+        try:
+            sites, others = _find_sites(model, size, blocks_without_skip)
+            break
+        except NAMPlacementError as e:
+            error = e
+    else:
+        raise error
     if not sites:
-        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-        known = sorted({f'{t.__module__.split(".")[-1]}.{t.__name__}' for t, _, _ in _block_norms()})
-        reason = (
-            "it has no batch norm (NAM gates a batch norm's output with that norm's statistics)"
-            if not has_bn
-            else f'none of its blocks is a residual block of a layout NAM knows ({", ".join(known)})'
-        )
-        raise NAMPlacementError(f'Cannot add NAM to {name}: {reason}')
+        raise NAMPlacementError(f'Cannot add NAM to {model_name(model)}: {_refusal(model, others)}')
     problems = []
     for site in sites:
         norm = model.get_submodule(site)
         if isinstance(norm, NormNAM):
             problems.append(f'{site} already has a NAM gate')
-        elif not isinstance(norm, nn.modules.batchnorm._BatchNorm) or norm.weight is None:
-            problems.append(f'{site} is a {type(norm).__name__}, not an affine batch norm')
+        elif not (norm.affine and norm.track_running_stats):
+            problems.append(f'{site} is a {type(norm).__name__} without affine parameters or running statistics')
     if problems:
         shown = '; '.join(problems[:4]) + (f' (+{len(problems) - 4} more)' if len(problems) > 4 else '')
-        raise NAMPlacementError(f'Cannot add NAM to {name}: {shown}')
-
-
-def _feature_sizes(model: nn.Module, sites: List[str], img_size) -> Dict[str, Tuple[int, int]]:
-    """The (H, W) each site's norm sees for an ``img_size`` input: one forward pass in eval mode, no gradients."""
-    if img_size is None:
-        raise NAMPlacementError(f'{_model_name(model)}: spatial NAM needs img_size= (one scale per pixel position)')
-    sizes, handles = {}, []
-    for site in sites:
-        hook = functools.partial(lambda s, m, i, o: sizes.__setitem__(s, tuple(o.shape[-2:])), site)
-        handles.append(model.get_submodule(site).register_forward_hook(hook))
-    first_conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
-    training = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(first_conv.weight.new_zeros(1, first_conv.in_channels, *to_2tuple(img_size)))
-    finally:
-        for m, mode in training.items():
-            m.training = mode
-        for h in handles:
-            h.remove()
-    return sizes
+        raise NAMPlacementError(f'Cannot add NAM to {model_name(model)}: {shown}')
+    return sites
 
 
 def create_nam(kind: str, channels: int, feat_size=None, **options) -> nn.Module:
@@ -123,18 +238,20 @@ def create_nam(kind: str, channels: int, feat_size=None, **options) -> nn.Module
     return _LAYERS[kind](channels, **options)
 
 
-def insert_nam(model: nn.Module, kind: str = 'nam', img_size=None, **options) -> nn.Module:
-    """Put a NAM gate of ``kind`` after the last norm of every residual block of ``model``, in place, and return it.
+def insert_nam(
+    model: nn.Module, kind: str = 'nam', img_size=None, blocks_without_skip: bool = False, **options
+) -> nn.Module:
+    """Put a NAM gate of ``kind`` after the norm that ends every residual branch of ``model`` (and every block without
+    a skip, with ``blocks_without_skip``), in place, and return it.
 
     Every site is checked before anything changes: a network NAM cannot be placed in raises `NAMPlacementError`
-    and is left as it was. ``img_size`` is needed for spatial kinds; ``options`` go to the NAM layers.
+    and is left as it was. Spatial kinds are built for ``img_size``; ``options`` go to the NAM layers.
     """
     if kind not in _LAYERS:
         raise ValueError(f'Unknown NAM kind {kind!r}; expected one of {sorted(NAM_KINDS)}')
-    sites = nam_sites(model)
-    _check_sites(model, sites)
-    feat_sizes = _feature_sizes(model, sites, img_size) if kind != 'nam' else {}
-    for site in sites:
+    if kind != 'nam' and img_size is None:
+        raise NAMPlacementError(f'{model_name(model)}: spatial NAM needs img_size= (one scale per pixel position)')
+    for site, shape in _sites(model, blocks_without_skip, img_size).items():
         norm = model.get_submodule(site)
         act = getattr(norm, 'act', None)
         if act is not None and not isinstance(act, nn.Identity):
@@ -142,7 +259,7 @@ def insert_nam(model: nn.Module, kind: str = 'nam', img_size=None, **options) ->
         else:
             act = None
         dd = dict(device=norm.weight.device, dtype=norm.weight.dtype)
-        gate = create_nam(kind, norm.num_features, feat_sizes.get(site), **options, **dd)
+        gate = create_nam(kind, norm.num_features, tuple(shape[-2:]), **options, **dd)
         parent, _, attr = site.rpartition('.')
         setattr(model.get_submodule(parent), attr, norm_nam(norm, gate, act).train(norm.training))
     return model

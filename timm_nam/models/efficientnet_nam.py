@@ -8,11 +8,13 @@ norm's activation slot, an ``Identity`` in these architectures, which runs after
 shortcut.
 
 * ``efficientnet_b0_nam``: timm's EfficientNet-B0 (its own SE kept) plus channel NAM at every block end.
+* ``efficientnet_lite0_nam``: timm's EfficientNet-Lite0, built by timm, plus channel NAM at every block end.
 """
 
 from functools import partial
 from typing import Optional, Tuple, Union
 
+import timm
 import torch.nn as nn
 from timm.layers import to_2tuple
 from timm.models import generate_default_cfgs, register_model
@@ -65,7 +67,7 @@ class AttnEfficientNet(EfficientNet):
         self.stage_attn = stage_attn
         dd = dict(device=kwargs.get('device'), dtype=kwargs.get('dtype'))
         if block_attn in NAM_KINDS:
-            insert_nam(self, block_attn, img_size=self.img_size, **nam)
+            insert_nam(self, block_attn, img_size=self.img_size, blocks_without_skip=True, **nam)
         for stage in self.blocks:
             if block_attn in BLOCK_ATTN_KINDS:
                 for block in stage:
@@ -113,9 +115,19 @@ def _gen_efficientnet_b0(variant: str, pretrained: bool = False, **kwargs):
     return create_attn_efficientnet(variant, pretrained, **model_kwargs)
 
 
+def _with_nam(plain: str, block_attn: str = 'nam', img_size=224, nam_weighting: str = 'sum', **kwargs) -> nn.Module:
+    """timm's ``plain`` network, built by timm, with NAM at the end of every block, as the paper counts them."""
+    nam = nam_options(block_attn, nam_weighting, kwargs.pop('nam_grad_through_weights', False))
+    model = timm.create_model(plain, **kwargs)
+    return insert_nam(model, block_attn, img_size=to_2tuple(img_size), blocks_without_skip=True, **nam)
+
+
 # See resnet_nam.py: the plain network's timm weights, converted, are the default tag.
 default_cfgs = generate_default_cfgs(
-    plain_weights_cfgs({'efficientnet_b0_nam': efficientnet_cfg()}, {'efficientnet_b0_nam': 'efficientnet_b0.ra_in1k'})
+    plain_weights_cfgs(
+        {'efficientnet_b0_nam': efficientnet_cfg(), 'efficientnet_lite0_nam': efficientnet_cfg()},
+        {'efficientnet_b0_nam': 'efficientnet_b0.ra_in1k', 'efficientnet_lite0_nam': 'efficientnet_lite0.ra_in1k'},
+    )
 )
 
 
@@ -123,3 +135,15 @@ default_cfgs = generate_default_cfgs(
 def efficientnet_b0_nam(pretrained: bool = False, **kwargs) -> AttnEfficientNet:
     """EfficientNet-B0 (with its SE) + channel NAM at every block end."""
     return _gen_efficientnet_b0('efficientnet_b0_nam', pretrained, block_attn='nam', **kwargs)
+
+
+@register_model
+def efficientnet_lite0_nam(pretrained: bool = False, **kwargs) -> EfficientNet:
+    """EfficientNet-Lite0 + channel NAM at every block end."""
+    return build_nam_model(
+        partial(_with_nam, 'efficientnet_lite0'),
+        'efficientnet_lite0_nam',
+        pretrained,
+        feature_cfg=dict(flatten_sequential=True),
+        **kwargs,
+    )

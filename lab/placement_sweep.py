@@ -1,0 +1,202 @@
+"""`add_nam` over timm's registry: where NAM is placed, how exactly each network converts, and what is refused.
+
+    python -m lab.placement_sweep run --data-dir ../shared/data/imagenette2-224 --max-params 60
+    python -m lab.placement_sweep summarize
+
+``run`` takes every architecture timm registers (timm-nam's own models aside), one row each, appended to
+``--out``/sweep.csv as it goes (a second run continues where the first stopped). An architecture without batch norm
+is refused on its structure alone; one with more than ``--max-params`` million parameters is left out. Each other one
+is built with random weights and the batch-norm states of the conversion tests (`tests.helpers.bn_states_`:
+trained-like where every block is residual, randomised for the inverted-residual family), measured on real photos at
+``--img-size`` px (its own size where it takes no other), then given NAM by `timm_nam.add_nam` with its defaults:
+
+* ``rel_error``: the relative L2 difference of its logits from the plain network's, eval mode;
+* ``trains``: one training step with the paper's penalty gives every gate's scale a gradient;
+* ``misplaced`` / ``ungated``: gates whose output does not reach a residual add as its branch, and batch norms that
+  end a residual branch without a gate (`tests.helpers`; both should be 0).
+
+``summarize`` writes sweep.md: one line per timm model family (the module timm registers it in), and the rows.
+"""
+
+import argparse
+import csv
+import signal
+from collections import defaultdict
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import create_dataset, create_transform
+from timm.models._registry import _model_to_module
+
+import timm_nam
+from tests.helpers import bn_states_, misplaced_gates, ungated_branches
+from timm_nam.models import NAMPlacementError
+
+FIELDS = [
+    'family', 'model', 'params_m', 'img_size', 'result', 'gates', 'rel_error', 'trains', 'misplaced', 'ungated',
+    'reason',
+]  # fmt: skip
+OWN = {'resnet_nam', 'mobilenetv2_nam', 'efficientnet_nam'}
+ERROR_BOUND = 2e-2
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise _Timeout()
+
+
+def _photos(data_dir: str, count: int = 48) -> torch.Tensor:
+    """Validation photos at 224 px with ImageNet's normalisation, spread over the split; resized per network."""
+    transform = create_transform(224, crop_pct=1.0)
+    ds = create_dataset('', root=data_dir, split='val', transform=transform)
+    return torch.stack([ds[i][0] for i in range(0, len(ds), len(ds) // count)][:count])
+
+
+def _refused(error: NAMPlacementError) -> dict:
+    """A refusal's row: 'failed' where the network could not be analysed (torch.fx), 'refused' otherwise."""
+    reason = str(error).partition(': ')[2]
+    failed = reason.startswith(('torch.fx cannot trace', 'its traced graph fails'))
+    return dict(result='failed' if failed else 'refused', reason=reason)
+
+
+def _measure(name: str, photos: torch.Tensor, img_size: int) -> dict:
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10)
+    own = model.pretrained_cfg['input_size'][-1]
+    for size in [own] if model.pretrained_cfg.get('fixed_input_size') else [img_size, own]:
+        x = F.interpolate(photos, size=(size, size), mode='bilinear', antialias=True, align_corners=False)
+        try:
+            with torch.no_grad():
+                model.eval()(x[:1])
+            break
+        except RuntimeError:  # too small for it
+            continue
+    img_size = size
+    row = dict(img_size=img_size)
+    try:
+        bn_states_(model, x[16:])
+    except NAMPlacementError:  # the states need the branches' norms: add_nam's refusal says why there are none
+        pass
+    with torch.no_grad():
+        expected = model(x[:16])
+    try:
+        timm_nam.add_nam(model, img_size=img_size)
+    except NAMPlacementError as e:
+        return row | _refused(e)
+    scales = timm_nam.nam_scales(model)
+    with torch.no_grad():
+        rel = ((model(x[:16]) - expected).norm() / expected.norm()).item()
+    model.train()
+    loss = timm_nam.NAMSparsityLoss(nn.CrossEntropyLoss(), model)(model(x[:8]), torch.arange(8) % 10)
+    loss.backward()
+    trains = all(s.grad is not None and s.grad.abs().sum() > 0 for s in scales)
+    misplaced, ungated = misplaced_gates(model, (img_size, img_size)), ungated_branches(model, (img_size, img_size))
+    ok = rel <= ERROR_BOUND and trains and not misplaced and not ungated
+    return row | dict(
+        result='accepted' if ok else 'accepted, off',
+        gates=len(scales),
+        rel_error=f'{rel:.3g}',
+        trains=trains,
+        misplaced=len(misplaced),
+        ungated=len(ungated),
+        reason='' if ok else ' '.join(misplaced + ungated)[:200],
+    )
+
+
+def cmd_run(args):
+    out = Path(args.out) / 'sweep.csv'
+    done = set()
+    if out.exists():
+        with open(out, newline='') as f:
+            done = {row['model'] for row in csv.DictReader(f)}
+    names = [n for n in timm.list_models(args.filter) if _model_to_module.get(n) not in OWN and n not in done]
+    photos = _photos(args.data_dir)
+    torch.set_num_threads(args.threads)
+    signal.signal(signal.SIGALRM, _alarm)
+    with open(out, 'a', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        if not done:
+            writer.writeheader()
+        for name in names:
+            row = dict(family=_model_to_module[name], model=name)
+            try:
+                try:
+                    with torch.device('meta'):
+                        meta = timm.create_model(name)
+                except Exception:  # a network that computes something while it is built
+                    meta = timm.create_model(name)
+                params = sum(p.numel() for p in meta.parameters()) / 1e6
+                row['params_m'] = f'{params:.2f}'
+                if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in meta.modules()):
+                    timm_nam.add_nam(meta)  # refused on its structure alone
+                del meta
+                if params > args.max_params:
+                    row |= dict(result='left out', reason=f'more than {args.max_params:g}M parameters')
+                else:
+                    signal.alarm(args.timeout)
+                    row |= _measure(name, photos, args.img_size)
+            except NAMPlacementError as e:
+                row |= _refused(e)
+            except _Timeout:
+                row |= dict(result='failed', reason=f'took more than {args.timeout} s')
+            except Exception as e:
+                row |= dict(result='failed', reason=f'{type(e).__name__}: {e}'.replace('\n', ' ')[:200])
+            finally:
+                signal.alarm(0)
+            writer.writerow(row)
+            f.flush()
+            print({k: v for k, v in row.items() if v not in ('', None)}, flush=True)
+
+
+def cmd_summarize(args):
+    with open(Path(args.out) / 'sweep.csv', newline='') as f:
+        rows = list(csv.DictReader(f))
+    families = defaultdict(list)
+    for row in rows:
+        families[row['family']].append(row)
+    lines = [
+        '| family | networks | accepted | error (median, max) | refused | failed | left out | why refused |',
+        '|---|---:|---:|---|---:|---:|---:|---|',
+    ]
+    for family, members in sorted(families.items()):
+        count = {r: sum(m['result'] == r for m in members) for r in ('accepted', 'refused', 'failed', 'left out')}
+        off = sum(m['result'] == 'accepted, off' for m in members)
+        errors = sorted(float(m['rel_error']) for m in members if m['rel_error'])
+        error = f'{errors[len(errors) // 2]:.1e}, {errors[-1]:.1e}' if errors else ''
+        reasons = sorted({m['reason'].split(';')[0].split(' (')[0] for m in members if m['result'] == 'refused'})
+        accepted = f'{count["accepted"]}' + (f' (+{off} off)' if off else '')
+        lines.append(
+            f'| {family} | {len(members)} | {accepted} | {error} | {count["refused"]} | {count["failed"]} '
+            f'| {count["left out"]} | {"; ".join(reasons)[:160]} |'
+        )
+    (Path(args.out) / 'sweep.md').write_text('\n'.join(lines) + '\n')
+    print('\n'.join(lines))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest='command', required=True)
+    run = sub.add_parser('run')
+    run.add_argument('--data-dir', required=True)
+    run.add_argument('--filter', nargs='+', default='', help='timm.list_models patterns (default: all)')
+    run.add_argument('--img-size', type=int, default=64)
+    run.add_argument('--max-params', type=float, default=60.0, help='millions')
+    run.add_argument('--timeout', type=int, default=300, help='seconds per network')
+    run.add_argument('--threads', type=int, default=2)
+    run.set_defaults(func=cmd_run)
+    summarize = sub.add_parser('summarize')
+    summarize.set_defaults(func=cmd_summarize)
+    for q in (run, summarize):
+        q.add_argument('--out', default='results/pretrained_conversion')
+    args = p.parse_args()
+    args.func(args)
+
+
+if __name__ == '__main__':
+    main()
