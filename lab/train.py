@@ -1,7 +1,6 @@
-"""The seeded study trainer (``python -m lab.train``, from a checkout; ``timm-nam train`` before 0.2): train any
-timm-nam or timm model on an ImageFolder directory (<root>/train|val/<class>/...) or torch/cifar100 with the NAM
-sparsity penalty, exactly resumable; runs under torchrun (DDP). The study scripts run it; users train with timm's own
-train.py (README)."""
+"""The seeded study trainer (``python -m lab.train``, from a checkout; ``timm-nam train`` before 0.2): trains a timm-nam
+or timm model on an ImageFolder directory (<root>/train|val/<class>/...) or torch/cifar100 with the sparsity penalty,
+exactly resumable, under torchrun too (DDP). The study scripts run it; users train with timm's train.py (README)."""
 
 import argparse
 import sys
@@ -14,6 +13,12 @@ from timm_nam.penalty import parse_penalty
 
 from .trainer import RECIPES, TrainConfig, TrainingDivergedError, get_recipe, train
 from .trainer.recipes import RECIPE_FIELDS
+
+
+def _key_value(text: str) -> str:
+    if '=' not in text:
+        raise argparse.ArgumentTypeError(f'expected key=value, got {text!r}')
+    return text
 
 
 def _penalty(text: str):
@@ -50,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--aug', choices=['cifar', 'imagenet'])
     g.add_argument('--seed', type=int)
     p.add_argument('--num-classes', type=int, help='default: the number of classes in the data')
-    p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='K=V')
+    p.add_argument('--model-kwargs', nargs='*', type=_key_value, default={}, action=ParseKwargs, metavar='K=V')
     penalty = "p of the sparsity penalty: a number (0 = off) or 'paper' (1e-4 ResNet, 1e-3 MobileNet)"
     p.add_argument('--nam-penalty', type=_penalty, help=f'{penalty}; default: the nam_penalty model kwarg, else paper')
     p.add_argument('--drop-path', dest='drop_path_rate', type=float, metavar='RATE')

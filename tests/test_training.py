@@ -467,6 +467,13 @@ def test_only_bad_input_is_a_one_line_error(data_dir, tmp_path, capsys, monkeypa
         main(argv)
 
 
+def test_malformed_model_kwargs_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(['-m', 'resnet18_nam', '--data-dir', 'data', '-o', 'out', '--model-kwargs', 'layers'])
+    assert exit_info.value.code == 2
+    assert "argument --model-kwargs: expected key=value, got 'layers'" in capsys.readouterr().err
+
+
 def test_resume_from_a_damaged_checkpoint_is_a_clear_error(data_dir, tmp_path):
     run = tmp_path / 'run'
     argv = [*BASE, '--data-dir', str(data_dir), '-o', str(run)]

@@ -74,15 +74,13 @@ def save_weights(model: nn.Module, path, model_name: str, model_kwargs: Optional
     atomic_write(Path(path), lambda tmp: tmp.write_bytes(save(state, metadata=meta)))
 
 
-def read_metadata(path) -> Dict[str, str]:
-    path = Path(path)
+def read_metadata(path: Path) -> Dict[str, str]:
     with _reading(path), safe_open(str(path), framework='pt') as f:
         return dict(f.metadata() or {})
 
 
-def load_weights(model: nn.Module, path, model_name: Optional[str] = None) -> Dict[str, str]:
+def load_weights(model: nn.Module, path: Path, model_name: Optional[str] = None) -> Dict[str, str]:
     """Load safetensors weights into ``model``; a checkpoint of another architecture is a clear error."""
-    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f'No checkpoint at {path}')
     meta = read_metadata(path)
@@ -121,8 +119,7 @@ def save_train_state(path, **state) -> None:
     atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
 
 
-def load_train_state(path) -> dict:
-    path = Path(path)
+def load_train_state(path: Path) -> dict:
     with _reading(path):
         return torch.load(path, map_location='cpu', weights_only=True)
 

@@ -154,9 +154,8 @@ class GlobalBatchSampler(Sampler[List[int]]):
 
 @dataclass
 class TrainData:
-    """What a run trains and evaluates on: ``train_batches(epoch)`` yields this process's (images, targets)
-    micro-batches of that epoch in order, ``steps`` optimizer steps' worth; ``val_batches()`` this process's share of
-    the validation set."""
+    """What a run trains on: ``train_batches(epoch)`` yields this process's (images, targets) micro-batches of an
+    epoch in order, ``steps`` optimizer steps' worth; ``val_batches()`` this process's share of the validation set."""
 
     train_batches: Callable[[int], Iterable]
     steps: int
