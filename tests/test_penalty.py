@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 from timm.utils import ModelEmaV3, NativeScaler
 
+import timm_nam
 from timm_nam import NAMChannel, NAMSpatial
 from timm_nam.penalty import (
     PAPER_PENALTY,
@@ -96,12 +97,32 @@ def test_penalty_value_and_paper_defaults():
     assert NAMSparsityLoss(nn.CrossEntropyLoss(), timm.create_model('resnet50_cifar_nam')).p == 1e-4
     assert NAMSparsityLoss(nn.CrossEntropyLoss(), timm.create_model('mobilenetv2_100_nam')).p == 1e-3
     assert paper_penalty(timm.create_model('resnet18_nam')) == 1e-4
-    with pytest.raises(ValueError, match='pass p explicitly'):
-        NAMSparsityLoss(nn.CrossEntropyLoss(), TinyNAMNet())
+    assert NAMSparsityLoss(nn.CrossEntropyLoss(), TinyNAMNet()).p == 1e-4  # no depthwise convolution
     with pytest.raises(ValueError, match='has no NAM layers'):
         NAMSparsityLoss(nn.CrossEntropyLoss(), timm.create_model('resnet50_cifar'), 1e-4)
     with pytest.raises(ValueError, match='finite number >= 0'):
         NAMSparsityLoss(nn.CrossEntropyLoss(), model, -1.0)
+
+
+@pytest.mark.parametrize(
+    'arch,p',
+    [
+        ('resnext26ts', 1e-4),  # grouped, not depthwise
+        ('regnety_002', 1e-4),
+        ('cspdarknet53', 1e-4),
+        ('dla34', 1e-4),
+        ('mnasnet_small', 1e-3),
+        ('mobilenetv4_conv_small', 1e-3),
+        ('hgnetv2_b0', 1e-3),
+    ],
+)
+def test_the_paper_penalty_follows_what_a_network_is_built_from(arch, p):
+    """Any network NAM is added to has a default p: the paper's MobileNetV2 value where it has depthwise
+    convolutions, its ResNet value otherwise, whatever the network's name."""
+    model = timm_nam.add_nam(timm.create_model(arch))
+    assert paper_penalty(model) == p
+    assert NAMSparsityLoss(nn.CrossEntropyLoss(), model).p == p and timm_nam.enable_penalty(model) == p
+    timm_nam.disable_penalty(model)
 
 
 def test_loss_term_and_step_hook_are_the_same_gradient():
