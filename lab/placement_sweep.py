@@ -68,14 +68,15 @@ def _refused(error: NAMPlacementError) -> dict:
 def _measure(name: str, photos: torch.Tensor, img_size: int) -> dict:
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=10)
-    own = model.pretrained_cfg['input_size'][-1]
-    for size in [own] if model.pretrained_cfg.get('fixed_input_size') else [img_size, own]:
+    cfg = model.pretrained_cfg
+    own, least = cfg['input_size'][-1], (cfg.get('min_input_size') or (0, 0))[-1]
+    for size in [own] if cfg.get('fixed_input_size') else [max(img_size, least), own]:
         x = F.interpolate(photos, size=(size, size), mode='bilinear', antialias=True, align_corners=False)
         try:
             with torch.no_grad():
                 model.eval()(x[:1])
             break
-        except RuntimeError:  # too small for it
+        except (RuntimeError, AssertionError):  # too small for it
             continue
     img_size = size
     row = dict(img_size=img_size)

@@ -12,7 +12,7 @@ from timm.models import get_pretrained_cfg_value
 from timm.models._hub import save_for_hf  # not re-exported by timm.models before 1.0.16
 
 import timm_nam  # noqa: F401  registers the models also when TIMM_DISABLE_PLUGINS is set
-from tests.helpers import PAPER_PARAMS
+from tests.helpers import PAPER_PARAMS, misplaced_gates, ungated_branches
 from timm_nam import NAM, NAMChannel, NAMSpatial
 from timm_nam.layers import NormNAM
 
@@ -52,6 +52,7 @@ def test_model_list():
         'mobilenetv2_140_nam_chsp',
         'mobilenetv2_050_nam_chsp',
         'efficientnet_b0_nam',
+        'efficientnet_lite0_nam',
         'resnet50_cifar',
         'resnet50_cifar_se',
         'resnet50_cifar_cbam',
@@ -106,6 +107,15 @@ def test_nam_placement_resnet():
     with torch.no_grad():
         branch = block.bn2.norm(block.conv2(block.act1(block.bn1(block.conv1(x)))))
         torch.testing.assert_close(block(x), torch.relu(block.bn2.nam(branch) + x))
+
+
+@pytest.mark.parametrize('name', [m for m in FAST_MODELS if '_nam' in m and 'chsp' not in m and '_sp' not in m])
+def test_every_gate_of_a_registered_model_sits_at_a_block_end(name):
+    """Every gate's output reaches a residual add as its branch, or ends an inverted-residual block without a skip
+    (the paper's count), and no residual branch that ends in a batch norm is left without a gate."""
+    model = timm.create_model(name)
+    size = get_pretrained_cfg_value(name, 'input_size')[-2:]
+    assert misplaced_gates(model, size) == [] and ungated_branches(model, size) == []
 
 
 def test_nam_placement_mobilenetv2_is_after_projection_bn():
