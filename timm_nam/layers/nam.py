@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_function, to_2tuple
 
-__all__ = ['NAMChannel', 'NAMSpatial', 'NAM', 'NAMGate', 'nam_weights', 'folded_gate', 'affine']
+__all__ = ['NAMChannel', 'NAMSpatial', 'NAM', 'NAMGate', 'nam_weights', 'affine']
 
 # Keyword arguments timm's model builders pass to attention / SE layers. NAM has no reduction MLP, gate choice or
 # activation, so these are accepted and ignored; anything else is a TypeError.
@@ -42,16 +42,6 @@ _TIMM_ATTN_KWARGS = frozenset(
     }
 )
 NAM_WEIGHTINGS = ('sum', 'mean')
-
-
-def _check_options(layer_name: str, weighting: str, kwargs: dict) -> None:
-    unknown = sorted(set(kwargs) - _TIMM_ATTN_KWARGS)
-    if unknown:
-        raise TypeError(f'{layer_name} got unexpected keyword argument(s): {", ".join(unknown)}')
-    if weighting not in NAM_WEIGHTINGS:
-        raise ValueError(
-            f"{layer_name} weighting must be 'sum' (|γ|/Σ|γ|, the paper's) or 'mean' (|γ|/mean|γ|), got '{weighting}'"
-        )
 
 
 def nam_weights(scale: torch.Tensor, detach: bool = True, weighting: str = 'sum') -> torch.Tensor:
@@ -111,21 +101,65 @@ def folded_gate(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tens
     return s.mul_(x)
 
 
-def _fold(
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    running_mean: Optional[torch.Tensor],
-    running_var: Optional[torch.Tensor],
-    eps: float,
-    w: torch.Tensor,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Eval-mode ``w·BN(x) = a·x + b``: per-feature ``a``, ``b`` from a norm's parameters and running statistics."""
-    assert running_mean is not None and running_var is not None
-    a = w * weight * torch.rsqrt(running_var + eps)
-    return a, w * bias - running_mean * a
+class _NAMGate(nn.Module):
+    """What NAM's per-channel and per-pixel gates share: a batch norm over the gated features (channels or pixel
+    positions), its importance weights, the eval-mode fold and the fused form. ``shape`` is how a vector over those
+    features broadcasts over an (N, C, H, W) input."""
+
+    feat_size: Optional[Tuple[int, int]] = None  # per pixel: the (H, W) the gate is built for
+
+    def __init__(
+        self,
+        channels: int,
+        features: int,
+        shape: Tuple[int, ...],
+        grad_through_weights: bool,
+        weighting: str,
+        eps: float,
+        momentum: float,
+        device,
+        dtype,
+        kwargs: dict,
+    ):
+        super().__init__()
+        unknown = sorted(set(kwargs) - _TIMM_ATTN_KWARGS)
+        if unknown:
+            raise TypeError(f'{type(self).__name__} got unexpected keyword argument(s): {", ".join(unknown)}')
+        if weighting not in NAM_WEIGHTINGS:
+            raise ValueError(
+                f"{type(self).__name__} weighting must be 'sum' (|γ|/Σ|γ|, the paper's) or 'mean' (|γ|/mean|γ|), "
+                f"got '{weighting}'"
+            )
+        self.channels = channels
+        self.weighting = weighting
+        self.grad_through_weights = grad_through_weights
+        self.shape = shape
+        self.bn = nn.BatchNorm2d(features, eps=eps, momentum=momentum, device=device, dtype=dtype)
+
+    def weights(self) -> torch.Tensor:
+        """The importance weights (`nam_weights`), constant for autograd unless ``grad_through_weights``."""
+        return nam_weights(self.bn.weight, detach=not self.grad_through_weights, weighting=self.weighting)
+
+    def fold(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The eval-mode gate's coefficients: ``w·BN(x) = a·x + b``, per channel (1, C, 1, 1) or pixel (1, 1, H, W)."""
+        bn = self.bn
+        w = self.weights()
+        a = w * bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+        return a.view(self.shape), (w * bn.bias - bn.running_mean * a).view(self.shape)
+
+    def fuse(self) -> 'NAMGate':
+        """This gate in its inference form, ``x · sigmoid(a·x + b)``; `timm.utils.reparameterize_model` calls it."""
+        with torch.no_grad():
+            a, b = self.fold()
+        return NAMGate(a, b, channels=self.channels, feat_size=self.feat_size)
+
+    def extra_repr(self) -> str:
+        size = f', feat_size={self.feat_size}' if self.feat_size else ''
+        options = f'weighting={self.weighting}, grad_through_weights={self.grad_through_weights}'
+        return f'channels={self.channels}{size}, {options}'
 
 
-class NAMChannel(nn.Module):
+class NAMChannel(_NAMGate):
     """NAM channel attention (paper Eq. 2): ``sigmoid(|γ|/Σ|γ| · BN(x)) · x``.
 
     ``BN`` is a plain affine ``BatchNorm2d(channels)`` (γ init 1, β init 0): batch statistics in training, running
@@ -154,41 +188,17 @@ class NAMChannel(nn.Module):
         dtype=None,
         **kwargs,
     ):
-        super().__init__()
-        _check_options(type(self).__name__, weighting, kwargs)
-        self.channels = channels
-        self.weighting = weighting
-        self.grad_through_weights = grad_through_weights
-        self.bn = nn.BatchNorm2d(channels, eps=eps, momentum=momentum, device=device, dtype=dtype)
-
-    def weights(self) -> torch.Tensor:
-        """The importance weights (`nam_weights`), constant for autograd unless ``grad_through_weights``."""
-        return nam_weights(self.bn.weight, detach=not self.grad_through_weights, weighting=self.weighting)
+        options = (grad_through_weights, weighting, eps, momentum, device, dtype, kwargs)
+        super().__init__(channels, channels, (1, -1, 1, 1), *options)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_nam_input(x, self.channels, 'NAMChannel')
         if self.training:  # the authors' formula; a frozen or synced norm does its own thing here
-            return x * torch.sigmoid(self.bn(x) * self.weights().view(1, -1, 1, 1).to(x.dtype))
-        a, b = self.fold()
-        return folded_gate(x, a, b)
-
-    def fold(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The eval-mode gate's coefficients: ``w·BN(x) = a·x + b``, ``a``, ``b`` of shape (1, C, 1, 1)."""
-        bn = self.bn
-        a, b = _fold(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, self.weights())
-        return a.view(1, -1, 1, 1), b.view(1, -1, 1, 1)
-
-    def fuse(self) -> 'NAMGate':
-        """This gate in its inference form, ``x · sigmoid(a·x + b)``; `timm.utils.reparameterize_model` calls it."""
-        with torch.no_grad():
-            a, b = self.fold()
-        return NAMGate(a, b, channels=self.channels)
-
-    def extra_repr(self) -> str:
-        return f'channels={self.channels}, weighting={self.weighting}, grad_through_weights={self.grad_through_weights}'
+            return x * torch.sigmoid(self.bn(x) * self.weights().view(self.shape).to(x.dtype))
+        return folded_gate(x, *self.fold())
 
 
-class NAMSpatial(nn.Module):
+class NAMSpatial(_NAMGate):
     """NAM spatial attention, "pixel normalization" (paper Eq. 3): ``sigmoid(|λ|/Σ|λ| · BN_s(x)) · x``.
 
     ``BN_s`` normalizes each of the H·W pixel positions with statistics over the batch *and* the channels and has one
@@ -203,6 +213,8 @@ class NAMSpatial(nn.Module):
         grad_through_weights, weighting, eps, momentum, device, dtype, **kwargs: as in `NAMChannel`.
     """
 
+    feat_size: Tuple[int, int]
+
     def __init__(
         self,
         channels: int,
@@ -215,57 +227,30 @@ class NAMSpatial(nn.Module):
         dtype=None,
         **kwargs,
     ):
-        super().__init__()
-        _check_options(type(self).__name__, weighting, kwargs)
         if feat_size is None:
             raise TypeError(
                 'NAMSpatial needs feat_size=(H, W): it has one scale per pixel position. Use '
                 'functools.partial(NAMSpatial, feat_size=...) or a named model such as resnet50_nam_sp.'
             )
-        self.channels = channels
         self.feat_size = tuple(to_2tuple(feat_size))
-        self.weighting = weighting
-        self.grad_through_weights = grad_through_weights
         h, w = self.feat_size
-        self.bn = nn.BatchNorm2d(h * w, eps=eps, momentum=momentum, device=device, dtype=dtype)
-
-    def weights(self) -> torch.Tensor:
-        return nam_weights(self.bn.weight, detach=not self.grad_through_weights, weighting=self.weighting)
+        options = (grad_through_weights, weighting, eps, momentum, device, dtype, kwargs)
+        super().__init__(channels, h * w, (1, 1, h, w), *options)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_nam_input(x, self.channels, 'NAMSpatial')
         check_nam_feat_size(x, self.feat_size, 'NAMSpatial')
-        if self.training:
-            pixels = x.flatten(2).transpose(1, 2).unsqueeze(-1)  # (N, H·W, C, 1): one norm feature per pixel
-            z = self.bn(pixels) * self.weights().view(1, -1, 1, 1).to(x.dtype)
-            return x * torch.sigmoid(z.squeeze(-1).transpose(1, 2).reshape(x.shape))
-        a, b = self.fold()
-        return folded_gate(x, a, b)
-
-    def fold(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The eval-mode gate's per-pixel coefficients, of shape (1, 1, H, W) (see `NAMChannel.fold`)."""
-        bn = self.bn
-        a, b = _fold(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, self.weights())
-        return a.view(1, 1, self.feat_size[0], self.feat_size[1]), b.view(1, 1, self.feat_size[0], self.feat_size[1])
-
-    def fuse(self) -> 'NAMGate':
-        """This gate in its inference form, with per-pixel ``a, b`` (see `NAMChannel.fuse`)."""
-        with torch.no_grad():
-            a, b = self.fold()
-        return NAMGate(a, b, channels=self.channels, feat_size=self.feat_size)
-
-    def extra_repr(self) -> str:
-        return (
-            f'channels={self.channels}, feat_size={self.feat_size}, weighting={self.weighting}, '
-            f'grad_through_weights={self.grad_through_weights}'
-        )
+        if self.training:  # one norm feature per pixel: x viewed as (N, H·W, C, 1)
+            z = self.bn(x.flatten(2).transpose(1, 2).unsqueeze(-1)).squeeze(-1).transpose(1, 2).reshape(x.shape)
+            return x * torch.sigmoid(z * self.weights().view(self.shape).to(x.dtype))
+        return folded_gate(x, *self.fold())
 
 
 class NAM(nn.Module):
     """NAM with channel then spatial attention, in sequence (the paper adopts CBAM's integration).
 
     Args are those of `NAMSpatial`; both gates share ``grad_through_weights``, ``weighting``, ``eps`` and
-    ``momentum``.
+    ``momentum``; timm's attention-layer keywords go to the channel gate, which checks and ignores them.
     """
 
     def __init__(
@@ -281,9 +266,8 @@ class NAM(nn.Module):
         **kwargs,
     ):
         super().__init__()
-        _check_options(type(self).__name__, weighting, kwargs)
         common = dict(weighting=weighting, grad_through_weights=grad_through_weights, eps=eps, momentum=momentum)
-        self.channel = NAMChannel(channels, **common, device=device, dtype=dtype)
+        self.channel = NAMChannel(channels, **common, device=device, dtype=dtype, **kwargs)
         self.spatial = NAMSpatial(channels, feat_size=feat_size, **common, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
