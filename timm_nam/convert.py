@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from .layers import NAM, NAMChannel, NAMSpatial, NormNAM
-from .models._placement import insert_nam
+from .models._placement import insert_nam, model_name
 
 __all__ = ['add_nam', 'load_plain_weights', 'plain_to_nam_state_dict', 'SCALE_INIT']
 
@@ -128,14 +128,10 @@ def _read_weights(source) -> Tuple[StateDict, str]:
         return source.state_dict(), f'a {type(source).__name__}'
     if isinstance(source, dict):
         return source, 'the given state dict'
-    path = Path(source)
-    if path.is_file():
-        if path.suffix == '.safetensors':
-            from safetensors.torch import load_file
+    if Path(source).is_file():
+        from .train_run import read_state_dict
 
-            return load_file(str(path)), str(path)
-        state = torch.load(path, map_location='cpu', weights_only=True)
-        return (state.get('state_dict', state) if isinstance(state, dict) else state), str(path)
+        return read_state_dict(source), str(source)
     import timm
 
     if timm.is_model(str(source)) or str(source).startswith('hf-hub:'):
@@ -149,32 +145,24 @@ def load_plain_weights(
     scale_init: float = SCALE_INIT,
     max_slope: float = GATE_SLOPE,
 ) -> nn.Module:
-    """Load a plain timm network's weights into the NAM model ``model``, converted exactly (module docstring).
+    """Load a plain timm network's weights into the NAM model ``model``, converted (module docstring).
 
     ``source``: a plain timm model (``nn.Module``), its state dict, a ``.safetensors`` / ``.pth`` file, or a timm
     model name with pretrained weights (``'resnet50.tv2_in1k'``, ``'hf-hub:timm/...'``; read from the Hub or its
-    cache). A classifier of another class count is left as initialised, as timm's ``pretrained=True`` does; any other
-    missing, unexpected or mis-shaped tensor is an error naming the model, the source and the tensor.
+    cache). A classifier of another class count is left as initialised, as timm's ``pretrained=True`` does; anything
+    else that does not fit is an error naming the model, the source and torch's list of what does not fit.
     """
     state, where = _read_weights(source)
-    name = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or type(model).__name__
     try:
         state = plain_to_nam_state_dict(state, model, scale_init, max_slope)
-    except ValueError as e:
-        raise ValueError(f'Cannot load {where} into {name}: {e}') from None
-    own = model.state_dict()
-    classifier = (getattr(model, 'pretrained_cfg', None) or {}).get('classifier')
-    head = {k for k in own if classifier and k.startswith(f'{classifier}.')}
-    state = {k: v for k, v in state.items() if not (k in head and v.shape != own[k].shape)}
-    missing = sorted(set(own) - set(state) - head)
-    unexpected = sorted(set(state) - set(own))
-    shapes = sorted(k for k in set(state) & set(own) if state[k].shape != own[k].shape)
-    problems = [f'{k}: {tuple(state[k].shape)} in the weights, {tuple(own[k].shape)} in the model' for k in shapes]
-    problems += [f'missing {k}' for k in missing] + [f'unexpected {k}' for k in unexpected]
-    if problems:
-        shown = '; '.join(problems[:6]) + (f' (+{len(problems) - 6} more)' if len(problems) > 6 else '')
-        raise ValueError(f'Cannot load {where} into {name}: {shown}')
-    model.load_state_dict(state, strict=False)
+        own = model.state_dict()
+        classifier = (getattr(model, 'pretrained_cfg', None) or {}).get('classifier') or '\0'
+        for key in [k for k in own if k.startswith(f'{classifier}.') and k in state]:
+            if state[key].shape != own[key].shape:
+                state[key] = own[key]  # another class count: the new head stays as initialised
+        model.load_state_dict(state)
+    except (ValueError, RuntimeError) as e:
+        raise ValueError(f'Cannot load {where} into {model_name(model)}: {e}') from None
     return model
 
 

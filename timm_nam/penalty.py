@@ -26,6 +26,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .layers.nam import NAMChannel, NAMSpatial
+from .models._placement import model_name
 
 __all__ = [
     'PAPER_PENALTY',
@@ -110,7 +111,7 @@ def resolve_penalty(model: nn.Module, p: PenaltyValue = None, model_kwarg: Penal
 
 
 def _no_nam_layers(model: nn.Module) -> str:
-    return f'{type(_unwrap(model)).__name__} has no NAM layers to penalize'
+    return f'{model_name(_unwrap(model))} has no NAM layers to penalize'
 
 
 class _L1Penalty(torch.autograd.Function):

@@ -9,8 +9,9 @@ import torch
 import torch.nn as nn
 
 from .layers import NAMChannel, NAMSpatial
+from .models import model_name
 
-__all__ = ['DEFAULT_THRESHOLDS', 'scale_stats', 'render_stats', 'plot_stats', 'write_stats']
+__all__ = ['scale_stats', 'render_stats', 'plot_stats', 'write_stats']
 
 DEFAULT_THRESHOLDS = (1e-3, 1e-2, 1e-1)
 
@@ -36,7 +37,7 @@ def scale_stats(model: nn.Module, thresholds: Sequence[float] = DEFAULT_THRESHOL
         row['values'] = s.tolist()
         rows.append(row)
     if not rows:
-        raise ValueError(f'{type(model).__name__} has no NAM layers')
+        raise ValueError(f'{model_name(model)} has no NAM layers')
     return rows
 
 

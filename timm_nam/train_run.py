@@ -10,8 +10,9 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+from timm.models import load_state_dict
 
-__all__ = ['TrainRun', 'read_run', 'create_model_from_run']
+__all__ = ['TrainRun', 'read_run', 'read_state_dict', 'create_model_from_run']
 
 CHECKPOINTS = ('model_best.pth.tar', 'last.pth.tar')  # what a run directory stands for, in this order
 
@@ -59,18 +60,22 @@ def read_run(path) -> TrainRun:
     return TrainRun(directory, yaml.safe_load((directory / 'args.yaml').read_text()), summary, path)
 
 
-def load_checkpoint_state(path: Path, ema: bool = False) -> Dict[str, torch.Tensor]:
-    """The model weights of a train.py checkpoint (``torch.load`` with ``weights_only=True``; the arguments train.py
-    saves beside them are an ``argparse.Namespace``, allowed for that)."""
+def read_state_dict(path, ema: bool = False) -> Dict[str, torch.Tensor]:
+    """The weights in a file: timm's ``load_state_dict`` (``.safetensors``, or ``torch.load`` with
+    ``weights_only=True``; a checkpoint's ``state_dict``), ``ema``: the EMA weights of a train.py checkpoint. train.py
+    saves its arguments beside the weights as an ``argparse.Namespace``, which timm before 1.0.31 does not allow."""
+    path = str(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            state = torch.load(path, map_location='cpu', weights_only=True)
+            has_ema = ema and not path.endswith('.safetensors') and 'state_dict_ema' in torch.load(path, mmap=True)
+            state = load_state_dict(path, use_ema=ema, weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f'No weights file at {path}') from None
     except Exception as e:
-        raise ValueError(f'{path} cannot be read as a checkpoint of train.py: {e}') from None
-    key = 'state_dict_ema' if ema else 'state_dict'
-    if key not in state:
-        raise ValueError(f'{path} holds no {key!r} (keys: {", ".join(sorted(state))})')
-    return state[key]
+        raise ValueError(f'{path} cannot be read as weights: {e}') from None
+    if ema and not has_ema:  # timm's loader would quietly give the other weights
+        raise ValueError(f'{path} holds no EMA weights (state_dict_ema)')
+    return state
 
 
 def create_model_from_run(run: TrainRun, ema: bool = False) -> nn.Module:
@@ -84,5 +89,5 @@ def create_model_from_run(run: TrainRun, ema: bool = False) -> nn.Module:
     if timm.get_pretrained_cfg_value(name, 'fixed_input_size') and run.input_size:
         kwargs['img_size'] = run.input_size[1:]
     model = timm.create_model(name, **kwargs)
-    model.load_state_dict(load_checkpoint_state(run.checkpoint, ema))
+    model.load_state_dict(read_state_dict(run.checkpoint, ema))
     return model.eval()
