@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 import timm_nam
 from tests.helpers import bn_states_  # the conversion tests' batch-norm states
 from timm_nam.convert import GATE_SLOPE, SCALE_INIT, add_nam, load_plain_weights
+from timm_nam.models import MODEL_MODULES
 from timm_nam.models._cfg import PLAIN_TAG_PREFIX
 
 
@@ -106,7 +107,7 @@ def cmd_trained(args):
 def cmd_tags(args):
     tagged = sorted(
         n
-        for n in timm.list_models(module=['resnet_nam', 'mobilenetv2_nam', 'efficientnet_nam'])
+        for n in timm.list_models(module=list(MODEL_MODULES))
         if (timm.models.get_pretrained_cfg(n).tag or '').startswith(PLAIN_TAG_PREFIX)
     )
     rows = []

@@ -33,13 +33,12 @@ from timm.models._registry import _model_to_module
 
 import timm_nam
 from tests.helpers import bn_states_, misplaced_gates, ungated_branches
-from timm_nam.models import NAMPlacementError
+from timm_nam.models import MODEL_MODULES, NAMPlacementError
 
 FIELDS = [
     'family', 'model', 'params_m', 'img_size', 'result', 'gates', 'rel_error', 'trains', 'misplaced', 'ungated',
     'reason',
 ]  # fmt: skip
-OWN = {'resnet_nam', 'mobilenetv2_nam', 'efficientnet_nam'}
 ERROR_BOUND = 2e-2
 
 
@@ -116,7 +115,7 @@ def cmd_run(args):
     if out.exists():
         with open(out, newline='') as f:
             done = {row['model'] for row in csv.DictReader(f)}
-    names = [n for n in timm.list_models(args.filter) if _model_to_module.get(n) not in OWN and n not in done]
+    names = [n for n in timm.list_models(args.filter) if _model_to_module.get(n) not in MODEL_MODULES and n not in done]
     photos = _photos(args.data_dir)
     torch.set_num_threads(args.threads)
     signal.signal(signal.SIGALRM, _alarm)

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 from timm.layers import convert_sync_batchnorm, freeze_batch_norm_2d, unfreeze_batch_norm_2d
 from timm.layers.norm_act import FrozenBatchNorm2d, FrozenBatchNormAct2d
+from timm.utils import reparameterize_model
 
 from tests.helpers import randomize_bn
 from timm_nam import NAMChannel, NAMSpatial
@@ -78,7 +79,7 @@ def test_reparameterized_model_is_unchanged_by_freezing(name, img_size):
     model = _model(name, img_size).eval()
     x = torch.randn(2, 3, img_size or 64, img_size or 64)
     expected = model(x)
-    model.reparameterize()
+    reparameterize_model(model, inplace=True)
     frozen = freeze_batch_norm_2d(model).train()
     assert not _gates(frozen)
     torch.testing.assert_close(frozen(x), expected, rtol=1e-5, atol=1e-5)

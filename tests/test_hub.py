@@ -24,6 +24,7 @@ from tests.helpers import (
     write_train_py_run,
 )
 from timm_nam.hub import export_run, publish, upload_plan
+from timm_nam.models import MODEL_MODULES
 from timm_nam.models._cfg import HF_ORG, PLAIN_TAG_PREFIX, hub_id
 
 TAG_MODEL, TAG = 'mobilenetv2_100_nam_chsp', 'imagenette_r64'  # the staged release (hub_configs/)
@@ -303,7 +304,7 @@ def test_missing_weights_offline_is_a_clear_error(exported, tmp_path):
 def test_registered_tags_are_exactly_the_published_releases():
     """timm.list_pretrained names a NAM-trained timm-nam tag only if its weights were published
     (hub_configs/README.md); the other tags are timm's plain weights (test_pretrained.py)."""
-    ours = timm.list_models(module=['resnet_nam', 'mobilenetv2_nam', 'efficientnet_nam'])
+    ours = timm.list_models(module=list(MODEL_MODULES))
     tags = {n for n in timm.list_pretrained('*') if '.' in n and n.split('.')[0] in ours}
     tags = {n for n in tags if not n.split('.')[1].startswith(PLAIN_TAG_PREFIX)}
     folders = Path(__file__).parents[1] / 'hub_configs'

@@ -279,7 +279,7 @@ def test_one_rule_decides_p():
         resolve_penalty(model, 1e-3, model_kwarg=1e-2)
     baseline = timm.create_model('resnet18')
     assert resolve_penalty(baseline) == resolve_penalty(baseline, 'paper') == resolve_penalty(baseline, 0) == 0.0
-    with pytest.raises(ValueError, match='ResNet has no NAM layers to penalize'):
+    with pytest.raises(ValueError, match='resnet18 has no NAM layers to penalize'):
         resolve_penalty(baseline, 1e-3)
 
 

@@ -4,8 +4,8 @@
 this module stays light: the penalty, training and Hub helpers are imported on first use.
 """
 
+from . import models  # registers the models
 from .layers import BAM, NAM, ConstantScale, NAMChannel, NAMGate, NAMSpatial, SimAM, TripletAttention, nam_weights
-from .models import AttnEfficientNet, AttnResNet
 
 __version__ = '0.2.0.dev0'
 
@@ -17,7 +17,7 @@ _LAZY = {
     'paper_penalty': 'penalty',
     'add_nam': 'convert',
     'load_plain_weights': 'convert',
-    'export_checkpoint': 'hub',
+    'export_run': 'hub',
     'publish': 'hub',
     'count_flops': 'flops',
 }
@@ -41,7 +41,5 @@ __all__ = [
     'SimAM',
     'ConstantScale',
     'nam_weights',
-    'AttnResNet',
-    'AttnEfficientNet',
     *_LAZY,
 ]

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ['FlopCount', 'count_flops']
+__all__ = ['count_flops']
 
 _aten = torch.ops.aten
 # batch norm reaches the dispatcher under different names depending on mode and backend

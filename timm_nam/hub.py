@@ -13,7 +13,7 @@ import stat
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from timm.models._hub import save_for_hf  # not re-exported by timm.models before 1.0.16
+from timm.models import save_for_hf
 from timm.models._pretrained import filter_pretrained_cfg
 
 from .card import render_model_card
@@ -56,7 +56,7 @@ def export_run(run_path, out_dir, tag: str, dataset_name: Optional[str] = None, 
     labels = _label_names(data_dir)
     if labels and len(labels) == model.num_classes:
         model_config['label_names'] = labels
-    # The whole cfg, given both ways: timm before 1.0.2x writes model_config['pretrained_cfg'] in place of the model's
+    # The whole cfg, given both ways: timm before 1.0.31 writes model_config['pretrained_cfg'] in place of the model's
     # cfg, later releases merge it into the model's.
     pretrained_cfg = filter_pretrained_cfg(model.pretrained_cfg, remove_source=True, remove_null=True)
     for key in ('architecture', 'notes', 'test_input_size', 'test_crop_pct'):  # facts of other weights
@@ -71,7 +71,8 @@ def export_run(run_path, out_dir, tag: str, dataset_name: Optional[str] = None, 
     model_config['pretrained_cfg'] = pretrained_cfg
     model.pretrained_cfg = model.default_cfg = dict(pretrained_cfg, architecture=name)  # newer timm merge into it
     # the input size a fixed-size model (pixel attention) was built for; the others take any size
-    model_args = {'img_size': list(model.img_size)} if pretrained_cfg.get('fixed_input_size') else None
+    fixed = pretrained_cfg.get('fixed_input_size')
+    model_args = {'img_size': list(pretrained_cfg['input_size'][-2:])} if fixed else None
     save_for_hf(model, out_dir, model_config=model_config, model_args=model_args, safe_serialization=True)
     # safetensors writes its file 0600; it gets the permissions of the export's other files (the umask's)
     os.chmod(out_dir / 'model.safetensors', stat.S_IMODE((out_dir / 'config.json').stat().st_mode))

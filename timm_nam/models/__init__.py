@@ -1,5 +1,12 @@
-from ._attn import BLOCK_ATTN_KINDS, STAGE_ATTN_KINDS, create_block_attn, create_stage_attn
-from ._placement import NAM_KINDS, NAMPlacementError, insert_nam, nam_sites
-from .efficientnet_nam import AttnEfficientNet
-from .mobilenetv2_nam import *  # noqa: F403  registers the MobileNetV2 models
-from .resnet_nam import AttnResNet
+"""timm-nam's models: every module of this package not named with a leading underscore is a model file, imported
+here so that its ``@register_model`` entrypoints reach timm's registry."""
+
+import importlib
+import pkgutil
+
+from ._attn import BLOCK_KINDS, NAM_KINDS, create_attn
+from ._placement import NAMPlacementError, insert_nam, model_name, nam_sites
+
+MODEL_MODULES = tuple(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith('_'))
+for _module in MODEL_MODULES:
+    importlib.import_module(f'.{_module}', __name__)

@@ -1,72 +1,42 @@
-"""What every timm-nam entrypoint does around timm's ``build_model_with_cfg``."""
+"""How every timm-nam model is built: timm's plain network, built by timm, with its attention placed, through timm's
+``build_model_with_cfg`` (cfg, features, kwargs), the weights loaded in a step of its own."""
 
 import math
-from typing import Tuple
+from functools import partial
+from typing import Callable, Optional, Sequence, Tuple
 
+import timm
+import torch.nn as nn
 from timm.layers import to_2tuple
-from timm.models import build_model_with_cfg
-from timm.models._builder import load_pretrained, resolve_pretrained_cfg
+from timm.models import build_model_with_cfg, load_pretrained, resolve_pretrained_cfg
 
-__all__ = ['build_nam_model', 'reparameterize_nam', 'feat_size_at']
+from ._attn import BLOCK_KINDS, NAM_KINDS, create_attn, nam_options
+from ._placement import insert_nam, nam_sites
 
-
-def feat_size_at(img_size: Tuple[int, int], reduction: int) -> Tuple[int, int]:
-    """Feature map size after ``log2(reduction)`` stride-2 convs/pools with 'same'-style padding (kernel k, padding
-    k//2), each of which maps h to ceil(h / 2)."""
-    h, w = img_size
-    while reduction > 1:
-        h, w = math.ceil(h / 2), math.ceil(w / 2)
-        reduction //= 2
-    return h, w
+__all__ = ['build_nam_model']
 
 
-def _from_plain_weights(state_dict, model):
-    """timm's ``pretrained_filter_fn``: plain weights converted for the NAM model, NAM weights unchanged."""
-    from ..convert import plain_to_nam_state_dict
-
-    return plain_to_nam_state_dict(state_dict, model)
-
-
-def build_nam_model(model_cls, variant: str, pretrained: bool, **kwargs):
-    """``build_model_with_cfg`` plus two timm-nam model kwargs:
-
-    * ``img_size``: passed to the model (spatial NAM is built for it); the model's cfg then states it.
-      Fixed-size models default to their pretrained cfg's input size, so a tag trained at 64 px builds at 64 px.
-    * ``nam_penalty``: p of the paper's sparsity penalty (a float, or 'paper' for the paper's value for the network,
-      `timm_nam.penalty.paper_penalty`; see `timm_nam.penalty.resolve_penalty`), applied at every
-      ``optimizer.step()`` (`timm_nam.penalty.enable_penalty`).
-      This is how timm's train.py trains with the penalty: ``--model-kwargs nam_penalty=1e-4``.
-
-    Pretrained weights load through timm's loader; plain weights (the ``plain_*`` tags: timm's own ImageNet weights)
-    are converted for NAM on the way (`timm_nam.convert`). An error while loading them says which weights; any other
-    error (a bad kwarg) is raised as it is.
-    """
+def build_nam_model(
+    variant: str, pretrained: bool, plain: str, feature_cfg: Optional[dict] = None, **kwargs
+) -> nn.Module:
+    """The model ``variant``: timm's network ``plain`` with the attention its kwargs name (`_network`). Also takes
+    ``img_size`` (spatial NAM is built for it; the cfg then states it; fixed-size models default to their cfg's) and
+    ``nam_penalty`` (p of the paper's penalty, a float or 'paper', applied at every ``optimizer.step()`` by
+    `timm_nam.penalty.enable_penalty`: ``--model-kwargs nam_penalty=1e-4`` in timm's train.py). Pretrained weights
+    load through timm's loader right after the network is built (before timm's feature wrapper), timm's plain weights
+    converted on the way (`timm_nam.convert`); an error while loading names the model, the tag and the source."""
     nam_penalty = kwargs.pop('nam_penalty', None)
     cfg = resolve_pretrained_cfg(
-        variant,
-        pretrained_cfg=kwargs.get('pretrained_cfg'),
-        pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'),
+        variant, kwargs.pop('pretrained_cfg', None), kwargs.pop('pretrained_cfg_overlay', None)
     )
     if pretrained and not cfg.has_weights:
-        from timm.models import list_pretrained
-
-        tags = [n for n in list_pretrained(f'{variant}.*') if '.' in n]
-        raise ValueError(
-            f'{variant} has no pretrained weights for its default (ImageNet) configuration; '
-            + (f'trained tags: {", ".join(tags)}' if tags else 'no trained tags exist yet')
-        )
-    if cfg.fixed_input_size and kwargs.get('img_size') is None:
-        kwargs['img_size'] = tuple(cfg.input_size[-2:])
-    try:
-        model = build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=_from_plain_weights, **kwargs)
-    except Exception as e:
-        if not (pretrained and _raised_while_loading(e)):
-            raise  # a bad kwarg is the caller's error, not the weights'
-        source = cfg.file or cfg.hf_hub_id or cfg.url or 'its pretrained cfg'  # in the order timm's loader tries them
-        raise RuntimeError(
-            f'Could not load pretrained weights for {variant} ({cfg.tag or "default"} tag) from {source}: {e}'
-        ) from e
-    _sync_cfg_input_size(model, kwargs.get('img_size'))
+        tags = ', '.join(timm.list_pretrained(f'{variant}.*')) or 'no trained tags exist yet'
+        raise ValueError(f'{variant} has no pretrained weights for its default (ImageNet) configuration; tags: {tags}')
+    weights = partial(_load_weights, variant, cfg, kwargs.pop('cache_dir', None)) if pretrained else None
+    network = partial(_network, plain, weights)
+    model = build_model_with_cfg(network, variant, False, pretrained_cfg=cfg, feature_cfg=feature_cfg, **kwargs)
+    if kwargs.get('img_size') is not None:
+        _state_input_size(model, to_2tuple(kwargs['img_size']))
     if nam_penalty is not None:
         from ..penalty import enable_penalty
 
@@ -74,35 +44,63 @@ def build_nam_model(model_cls, variant: str, pretrained: bool, **kwargs):
     return model
 
 
-def _raised_while_loading(error: BaseException) -> bool:
-    """Whether ``error`` came out of timm's ``load_pretrained`` (fetching, reading or fitting the weights) rather than
-    out of building the model."""
-    tb = error.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_code is load_pretrained.__code__:
-            return True
-        tb = tb.tb_next
-    return False
+def _network(
+    plain: str,
+    load_weights: Optional[Callable],
+    block_attn: Optional[str] = None,
+    stage_attn: Optional[str] = None,
+    stages: Sequence[str] = (),
+    adapt: Optional[Callable] = None,
+    img_size=224,
+    nam_weighting: str = 'sum',
+    nam_grad_through_weights: bool = False,
+    **kwargs,
+) -> nn.Module:
+    """timm's network ``plain`` (changed by the model file's ``adapt``, e.g. a CIFAR stem) with ``block_attn`` after
+    the norm that ends every block — NAM in every block the paper counts, a baseline in that norm's activation slot —
+    and ``stage_attn`` appended to the ``stages``; then its pretrained weights, if any."""
+    options = nam_options(block_attn, nam_weighting, nam_grad_through_weights)
+    model = timm.create_model(plain, **kwargs)
+    vars(model).pop('_model_args', None)  # the plain network's build args: timm records the NAM model's own
+    if adapt is not None:
+        adapt(model)
+    if block_attn in NAM_KINDS:
+        insert_nam(model, block_attn, img_size=to_2tuple(img_size), blocks_without_skip=True, **options)
+    elif block_attn in BLOCK_KINDS:  # after the norm NAM would gate, before the add (not timm's SE slot)
+        for site in nam_sites(model, blocks_without_skip=True):
+            norm = model.get_submodule(site)
+            norm.act = create_attn(block_attn, norm.num_features)
+    for path in stages if stage_attn else ():
+        stage = model.get_submodule(path)
+        channels = [m for m in stage.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)][-1].num_features
+        stage.append(create_attn(stage_attn, channels))
+    if load_weights is not None:
+        load_weights(model, kwargs.get('in_chans', 3))
+    return model
 
 
-def _sync_cfg_input_size(model, img_size) -> None:
-    """A model built for another ``img_size`` gets a cfg that says so (data config reads it)."""
-    if img_size is None:
-        return
-    h, w = to_2tuple(img_size)
+def _load_weights(variant: str, cfg, cache_dir, model: nn.Module, in_chans: int) -> None:
+    """timm's loader, plain weights converted on the way (timm's ``pretrained_filter_fn``); its errors say what
+    failed to load."""
+    from ..convert import plain_to_nam_state_dict
+
+    model.pretrained_cfg = cfg.to_dict()
+    extra = {'cache_dir': cache_dir} if cache_dir is not None else {}
+    try:
+        load_pretrained(model, cfg.to_dict(), model.num_classes, in_chans, filter_fn=plain_to_nam_state_dict, **extra)
+    except Exception as e:
+        source = cfg.file or cfg.hf_hub_id or cfg.url or 'its pretrained cfg'  # in the order timm's loader tries them
+        raise RuntimeError(
+            f'Could not load pretrained weights for {variant} ({cfg.tag or "default"} tag) from {source}: {e}'
+        ) from e
+
+
+def _state_input_size(model: nn.Module, img_size: Tuple[int, int]) -> None:
+    """A model built for another ``img_size`` gets a cfg that says so (data configs read it)."""
     cfg = dict(model.pretrained_cfg)
-    old_h, old_w = cfg['input_size'][-2:]
-    if (old_h, old_w) == (h, w):
+    if tuple(cfg['input_size'][-2:]) == img_size:
         return
-    cfg['input_size'] = (cfg['input_size'][0], h, w)
-    if cfg.get('pool_size'):
-        cfg['pool_size'] = feat_size_at((h, w), model.feature_info[-1]['reduction'])
+    cfg['input_size'] = (cfg['input_size'][0], *img_size)
+    if cfg.get('pool_size'):  # stride-2 steps with 'same' padding: each maps h to ceil(h / 2)
+        cfg['pool_size'] = tuple(math.ceil(s / model.feature_info[-1]['reduction']) for s in img_size)
     model.pretrained_cfg = model.default_cfg = cfg
-
-
-def reparameterize_nam(model) -> None:
-    """Fold the NAM gates of ``model`` for inference, in place, with timm's own walk (imported here, not at
-    ``import timm``)."""
-    from timm.utils import reparameterize_model
-
-    reparameterize_model(model, inplace=True)

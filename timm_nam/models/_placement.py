@@ -22,17 +22,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import get_notrace_functions, get_notrace_modules, to_2tuple
 
-from ..layers import NAM, NAMChannel, NAMSpatial, NormNAM, norm_nam
+from ..layers import NormNAM, norm_nam
+from ._attn import NAM_KINDS, create_attn
 
-__all__ = ['NAM_KINDS', 'nam_sites', 'insert_nam', 'create_nam', 'NAMPlacementError', 'model_name']
-
-# NAM kinds as the model names' suffixes say them
-NAM_KINDS = {
-    'nam': 'channel attention (Eq. 2)',
-    'nam_sp': 'spatial / pixel attention (Eq. 3)',
-    'nam_chsp': 'channel then spatial attention',
-}
-_LAYERS = {'nam': NAMChannel, 'nam_sp': NAMSpatial, 'nam_chsp': NAM}
+__all__ = ['nam_sites', 'insert_nam', 'NAMPlacementError', 'model_name']
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 
 _ADDS = {operator.add, operator.iadd, torch.add, 'add', 'add_'}
@@ -82,8 +75,7 @@ def _shaped_graph(model: nn.Module, img_size) -> fx.GraphModule:
             x = first.weight.new_zeros(1, first.in_channels, *to_2tuple(img_size))
             fx.passes.shape_prop.ShapeProp(graph).propagate(x)
     except Exception as e:
-        size = 'x'.join(map(str, x.shape[-2:]))
-        why = str(e.__cause__ or e).splitlines()[0]
+        size, why = 'x'.join(map(str, to_2tuple(img_size))), str(e.__cause__ or e).splitlines()[0]
         raise NAMPlacementError(f'Cannot add NAM to {name}: its traced graph fails on a {size} image ({why})') from None
     finally:
         for m, mode in modes.items():
@@ -133,21 +125,12 @@ def _branch_end(graph: fx.GraphModule, node: fx.Node, through: str = 'values') -
     return node, graph.get_submodule(node.target) if node.op == 'call_module' else None
 
 
-def _linear_norm(module: Optional[nn.Module]) -> bool:
-    return isinstance(module, _BatchNorm) and isinstance(getattr(module, 'act', None), (nn.Identity, type(None)))
-
-
 def _depths(graph: fx.Graph) -> Dict[fx.Node, int]:
     """The longest path from the input to each node: of a residual add's operands, the branch is the deeper one."""
     depth = {}
     for node in graph.nodes:
         depth[node] = 1 + max((depth[a] for a in node.all_input_nodes), default=-1)
     return depth
-
-
-def _block_output(graph: fx.GraphModule, path: str) -> Optional[fx.Node]:
-    inside = [n for n in graph.graph.nodes if path in n.meta.get('nn_module_stack', {})]
-    return inside[-1] if inside else None
 
 
 def _find_sites(model: nn.Module, img_size, blocks_without_skip: bool) -> Tuple[Dict[str, torch.Size], Counter]:
@@ -159,10 +142,11 @@ def _find_sites(model: nn.Module, img_size, blocks_without_skip: bool) -> Tuple[
     for node in graph.graph.nodes:
         if _target(node) in _ADDS and len(full := _full_operands(node)) == 2 and depth[full[0]] != depth[full[1]]:
             ends.append(_branch_end(graph, max(full, key=depth.get)))
-    if blocks_without_skip:  # those that end in a linear norm, as inverted residuals do
-        outputs = [_block_output(graph, n) for n, m in model.named_modules() if getattr(m, 'has_skip', True) is False]
-        blocks = [_branch_end(graph, out, through='identity') for out in outputs if out is not None]
-        ends += [(node, m) for node, m in blocks if _linear_norm(m)]
+    for block in [n for n, m in model.named_modules() if blocks_without_skip and getattr(m, 'has_skip', 1) is False]:
+        output = [n for n in graph.graph.nodes if block in n.meta.get('nn_module_stack', {})][-1]
+        node, norm = _branch_end(graph, output, through='identity')
+        if isinstance(norm, _BatchNorm) and isinstance(getattr(norm, 'act', None), (nn.Identity, type(None))):
+            ends.append((node, norm))  # a linear norm ends it, as it ends an inverted residual
     sites = {}
     for node, module in ends:
         if isinstance(module, (_BatchNorm, NormNAM)):
@@ -215,27 +199,16 @@ def _sites(model: nn.Module, blocks_without_skip: bool, img_size) -> Dict[str, t
         raise error
     if not sites:
         raise NAMPlacementError(f'Cannot add NAM to {model_name(model)}: {_refusal(model, others)}')
-    problems = []
-    for site in sites:
-        norm = model.get_submodule(site)
-        if isinstance(norm, NormNAM):
-            problems.append(f'{site} already has a NAM gate')
-        elif not (norm.affine and norm.track_running_stats):
-            problems.append(f'{site} is a {type(norm).__name__} without affine parameters or running statistics')
+    norms = {site: model.get_submodule(site) for site in sites}
+    problems = [f'{s} already has a NAM gate' for s, norm in norms.items() if isinstance(norm, NormNAM)] + [
+        f'{s} is a {type(norm).__name__} without affine parameters or running statistics'
+        for s, norm in norms.items()
+        if not isinstance(norm, NormNAM) and not (norm.affine and norm.track_running_stats)
+    ]
     if problems:
         shown = '; '.join(problems[:4]) + (f' (+{len(problems) - 4} more)' if len(problems) > 4 else '')
         raise NAMPlacementError(f'Cannot add NAM to {model_name(model)}: {shown}')
     return sites
-
-
-def create_nam(kind: str, channels: int, feat_size=None, **options) -> nn.Module:
-    """The NAM gate of ``kind`` (a key of `NAM_KINDS`) for ``channels`` at ``feat_size``; ``options`` are the layers'
-    (``weighting``, ``grad_through_weights``, ``device``, ``dtype``)."""
-    if kind not in _LAYERS:
-        raise ValueError(f'Unknown NAM kind {kind!r}; expected one of {sorted(NAM_KINDS)}')
-    if kind != 'nam':
-        options['feat_size'] = feat_size
-    return _LAYERS[kind](channels, **options)
 
 
 def insert_nam(
@@ -247,19 +220,18 @@ def insert_nam(
     Every site is checked before anything changes: a network NAM cannot be placed in raises `NAMPlacementError`
     and is left as it was. Spatial kinds are built for ``img_size``; ``options`` go to the NAM layers.
     """
-    if kind not in _LAYERS:
-        raise ValueError(f'Unknown NAM kind {kind!r}; expected one of {sorted(NAM_KINDS)}')
+    if kind not in NAM_KINDS:
+        raise ValueError(f'Unknown NAM kind {kind!r}; expected one of {list(NAM_KINDS)}')
     if kind != 'nam' and img_size is None:
         raise NAMPlacementError(f'{model_name(model)}: spatial NAM needs img_size= (one scale per pixel position)')
     for site, shape in _sites(model, blocks_without_skip, img_size).items():
         norm = model.get_submodule(site)
         act = getattr(norm, 'act', None)
-        if act is not None and not isinstance(act, nn.Identity):
-            norm.act = nn.Identity()  # the gate goes between the norm and its activation
-        else:
-            act = None
+        if act is not None:  # the gate goes between the norm and its activation
+            norm.act = nn.Identity()
         dd = dict(device=norm.weight.device, dtype=norm.weight.dtype)
-        gate = create_nam(kind, norm.num_features, tuple(shape[-2:]), **options, **dd)
+        pixels = dict(feat_size=tuple(shape[-2:])) if kind != 'nam' else {}
+        gate = create_attn(kind, norm.num_features, **pixels, **options, **dd)
         parent, _, attr = site.rpartition('.')
         setattr(model.get_submodule(parent), attr, norm_nam(norm, gate, act).train(norm.training))
     return model
