@@ -345,9 +345,13 @@ def test_exact_under_ddp(use_hook):
 
 
 def test_public_names():
+    """``from timm_nam import *`` gives every name of ``__all__``, each resolving to a real object."""
     import timm_nam
     import timm_nam.convert
 
+    names = {}
+    exec('from timm_nam import *', names)
+    assert set(timm_nam.__all__) <= set(names) and all(names[n] is not None for n in timm_nam.__all__)
     assert timm_nam.NAMSparsityLoss is NAMSparsityLoss
     assert timm_nam.add_nam is timm_nam.convert.add_nam and timm_nam.load_plain_weights is not None
     with pytest.raises(AttributeError):

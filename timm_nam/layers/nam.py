@@ -103,8 +103,8 @@ def folded_gate(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tens
 
 class _NAMGate(nn.Module):
     """What NAM's per-channel and per-pixel gates share: a batch norm over the gated features (channels or pixel
-    positions), its importance weights, the eval-mode fold and the fused form. ``shape`` is how a vector over those
-    features broadcasts over an (N, C, H, W) input."""
+    positions), its importance weights, the eval-mode fold and the fused form, and the options (`NAMChannel`'s Args),
+    checked here. ``shape`` is how a vector over those features broadcasts over an (N, C, H, W) input."""
 
     feat_size: Optional[Tuple[int, int]] = None  # per pixel: the (H, W) the gate is built for
 
@@ -113,13 +113,13 @@ class _NAMGate(nn.Module):
         channels: int,
         features: int,
         shape: Tuple[int, ...],
-        grad_through_weights: bool,
-        weighting: str,
-        eps: float,
-        momentum: float,
-        device,
-        dtype,
-        kwargs: dict,
+        grad_through_weights: bool = False,
+        weighting: str = 'sum',
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        device=None,
+        dtype=None,
+        **kwargs,
     ):
         super().__init__()
         unknown = sorted(set(kwargs) - _TIMM_ATTN_KWARGS)
@@ -177,19 +177,8 @@ class NAMChannel(_NAMGate):
             into ``attn_layer=`` / ``se_layer=`` slots; NAM has no MLP, so they are ignored.
     """
 
-    def __init__(
-        self,
-        channels: int,
-        grad_through_weights: bool = False,
-        weighting: str = 'sum',
-        eps: float = 1e-5,
-        momentum: float = 0.1,
-        device=None,
-        dtype=None,
-        **kwargs,
-    ):
-        options = (grad_through_weights, weighting, eps, momentum, device, dtype, kwargs)
-        super().__init__(channels, channels, (1, -1, 1, 1), *options)
+    def __init__(self, channels: int, **options):
+        super().__init__(channels, channels, (1, -1, 1, 1), **options)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_nam_input(x, self.channels, 'NAMChannel')
@@ -215,18 +204,7 @@ class NAMSpatial(_NAMGate):
 
     feat_size: Tuple[int, int]
 
-    def __init__(
-        self,
-        channels: int,
-        feat_size: Optional[Union[int, Tuple[int, int]]] = None,
-        grad_through_weights: bool = False,
-        weighting: str = 'sum',
-        eps: float = 1e-5,
-        momentum: float = 0.1,
-        device=None,
-        dtype=None,
-        **kwargs,
-    ):
+    def __init__(self, channels: int, feat_size: Optional[Union[int, Tuple[int, int]]] = None, **options):
         if feat_size is None:
             raise TypeError(
                 'NAMSpatial needs feat_size=(H, W): it has one scale per pixel position. Use '
@@ -234,8 +212,7 @@ class NAMSpatial(_NAMGate):
             )
         self.feat_size = tuple(to_2tuple(feat_size))
         h, w = self.feat_size
-        options = (grad_through_weights, weighting, eps, momentum, device, dtype, kwargs)
-        super().__init__(channels, h * w, (1, 1, h, w), *options)
+        super().__init__(channels, h * w, (1, 1, h, w), **options)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_nam_input(x, self.channels, 'NAMSpatial')
@@ -249,26 +226,15 @@ class NAMSpatial(_NAMGate):
 class NAM(nn.Module):
     """NAM with channel then spatial attention, in sequence (the paper adopts CBAM's integration).
 
-    Args are those of `NAMSpatial`; both gates share ``grad_through_weights``, ``weighting``, ``eps`` and
-    ``momentum``; timm's attention-layer keywords go to the channel gate, which checks and ignores them.
+    Args are those of `NAMSpatial`; both gates share ``grad_through_weights``, ``weighting``, ``eps``, ``momentum``,
+    ``device`` and ``dtype``; timm's attention-layer keywords go to the channel gate, which checks and ignores them.
     """
 
-    def __init__(
-        self,
-        channels: int,
-        feat_size: Optional[Union[int, Tuple[int, int]]] = None,
-        grad_through_weights: bool = False,
-        weighting: str = 'sum',
-        eps: float = 1e-5,
-        momentum: float = 0.1,
-        device=None,
-        dtype=None,
-        **kwargs,
-    ):
+    def __init__(self, channels: int, feat_size: Optional[Union[int, Tuple[int, int]]] = None, **options):
         super().__init__()
-        common = dict(weighting=weighting, grad_through_weights=grad_through_weights, eps=eps, momentum=momentum)
-        self.channel = NAMChannel(channels, **common, device=device, dtype=dtype, **kwargs)
-        self.spatial = NAMSpatial(channels, feat_size=feat_size, **common, device=device, dtype=dtype)
+        self.channel = NAMChannel(channels, **options)
+        shared = ('grad_through_weights', 'weighting', 'eps', 'momentum', 'device', 'dtype')
+        self.spatial = NAMSpatial(channels, feat_size, **{k: v for k, v in options.items() if k in shared})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.spatial(self.channel(x))
