@@ -281,6 +281,7 @@ FAMILIES = [
     ('resnet26d', RESNET_BOUND),
     ('resnext50_32x4d', RESNET_BOUND),
     ('seresnet18', RESNET_BOUND),  # an SE gate between the norm and the add
+    ('ecaresnet26t', RESNET_BOUND),  # an ECA gate, expanded to the branch's shape
     ('resnest14d', RESNET_BOUND),
     ('regnetx_002', OTHER_BOUND),
     ('regnetz_b16', OTHER_BOUND),

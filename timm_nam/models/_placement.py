@@ -33,6 +33,7 @@ _SCALES = {operator.mul, operator.imul, torch.mul, 'mul', 'mul_'} | _ADDS  # bro
 _UNARY = {F.relu, F.relu6, F.leaky_relu, F.silu, F.gelu, F.hardswish, F.mish, F.dropout, torch.relu}
 _UNARY |= {'relu', 'relu_', 'contiguous', 'clone'}
 _IDENTITY_MODULES = ('torch.nn.modules.dropout', 'timm.layers.drop')
+_NAMES = {'getitem': 'a slice (getitem)', 'cat': 'a concatenation (cat)', 'add': 'a sum of branches (add)'}
 _VALUE_MODULES = ('torch.nn.modules.activation', 'timm.layers.activations')
 
 
@@ -89,9 +90,11 @@ def _shape(arg) -> Optional[torch.Size]:
 
 
 def _full_operands(node: fx.Node) -> List[fx.Node]:
-    """The operands of an element-wise op that have its output's shape (the others are broadcast into it)."""
+    """The operands of an element-wise op that have its output's shape (the others are broadcast into it, or expanded
+    to it from a smaller tensor, as ECA's gate is)."""
     shape = _shape(node)
-    return [a for a in node.args[:2] if shape is not None and _shape(a) == shape]
+    expanded = [a for a in node.args[:2] if isinstance(a, fx.Node) and _target(a) in ('expand', 'expand_as')]
+    return [a for a in node.args[:2] if shape is not None and _shape(a) == shape and a not in expanded]
 
 
 def _target(node: fx.Node):
@@ -162,7 +165,7 @@ def _what(node: fx.Node, module: Optional[nn.Module]) -> str:
     if module is not None:
         return type(module).__name__
     name = str(getattr(node.target, '__name__', node.target))
-    return {'getitem': 'a slice (getitem)', 'cat': 'a concatenation (cat)'}.get(name, name)
+    return _NAMES.get(name, name)
 
 
 def _refusal(model: nn.Module, others: Counter) -> str:
