@@ -11,6 +11,9 @@ trained-like where every block is residual, randomised for the inverted-residual
 ``--img-size`` px (its own size where it takes no other), then given NAM by `timm_nam.add_nam` with its defaults:
 
 * ``rel_error``: the relative L2 difference of its logits from the plain network's, eval mode;
+* ``sensitivity``: the same difference for the plain network when its input moves by 1e-3 of its spread (noise): a
+  random network far more sensitive than a trained one (a trained ResNet or MobileNet moves by about 1e-4 to 1e-3)
+  magnifies the conversion's first-order term as it magnifies the noise;
 * ``trains``: one training step with the paper's penalty gives every gate's scale a gradient;
 * ``misplaced`` / ``ungated``: gates whose output does not reach a residual add as its branch, and batch norms that
   end a residual branch without a gate (`tests.helpers`; both should be 0).
@@ -36,8 +39,8 @@ from tests.helpers import bn_states_, misplaced_gates, ungated_branches
 from timm_nam.models import MODEL_MODULES, NAMPlacementError
 
 FIELDS = [
-    'family', 'model', 'params_m', 'img_size', 'result', 'gates', 'rel_error', 'trains', 'misplaced', 'ungated',
-    'reason',
+    'family', 'model', 'params_m', 'img_size', 'result', 'gates', 'rel_error', 'sensitivity', 'trains', 'misplaced',
+    'ungated', 'reason',
 ]  # fmt: skip
 ERROR_BOUND = 2e-2
 
@@ -85,6 +88,8 @@ def _measure(name: str, photos: torch.Tensor, img_size: int) -> dict:
         pass
     with torch.no_grad():
         expected = model(x[:16])
+        noisy = model(x[:16] + 1e-3 * x[:16].std() * torch.randn(x[:16].shape, generator=torch.Generator().manual_seed(1)))
+    row['sensitivity'] = f'{((noisy - expected).norm() / expected.norm()).item():.3g}'
     try:
         timm_nam.add_nam(model, img_size=img_size)
     except NAMPlacementError as e:
