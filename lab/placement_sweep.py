@@ -88,7 +88,8 @@ def _measure(name: str, photos: torch.Tensor, img_size: int) -> dict:
         pass
     with torch.no_grad():
         expected = model(x[:16])
-        noisy = model(x[:16] + 1e-3 * x[:16].std() * torch.randn(x[:16].shape, generator=torch.Generator().manual_seed(1)))
+        noise = torch.randn(x[:16].shape, generator=torch.Generator().manual_seed(1))
+        noisy = model(x[:16] + 1e-3 * x[:16].std() * noise)
     row['sensitivity'] = f'{((noisy - expected).norm() / expected.norm()).item():.3g}'
     try:
         timm_nam.add_nam(model, img_size=img_size)
