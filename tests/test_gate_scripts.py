@@ -152,3 +152,30 @@ def test_penalty_pull_of_the_study_recipe_matches_its_trained_scales():
         'imagenet', img_size=64, batch_size=64, epochs=10, warmup_epochs=1, sched_on_updates=True, lr=0.05
     )
     assert penalty_pull.penalty_only_scale(recipe, 147, 1e-4) == pytest.approx(0.9669, abs=2e-4)
+
+
+def test_gate_start_compares_each_gate_with_the_start_the_conversion_gave_it(tmp_path):
+    """lab.gate_start rebuilds the run's start (its plain weights converted) and reports, per gate, the scales at the
+    end against that start: their ratios, the share grown and the share near 0."""
+    from safetensors.torch import save_file
+
+    gate_start = load_script('gate_start')
+    from tests.helpers import write_train_py_run
+
+    plain = tmp_path / 'plain.safetensors'
+    save_file(timm.create_model('resnet18').state_dict(), str(plain))
+    kwargs = {'pretrained_cfg_overlay': {'file': str(plain)}, 'nam_penalty': 'paper'}
+    model = timm.create_model('resnet18_nam', pretrained=True, num_classes=3, **kwargs)
+    gates = [m for m in model.modules() if isinstance(m, NAMChannel)]
+    with torch.no_grad():  # first gate: half its scales doubled, a quarter at 0; the others untouched
+        scales = gates[0].bn.weight
+        scales[: len(scales) // 2] *= 2
+        scales[-len(scales) // 4 :] = 0
+    run = write_train_py_run(
+        tmp_path / 'run', model, dict(model='resnet18_nam', num_classes=3, model_kwargs=kwargs), top1=[50.0]
+    )
+    rows = gate_start.gate_rows(run)
+    assert len(rows) == len(gates) == 8 and rows[0]['gate'] == 'layer1.0.bn2.nam' and rows[0]['width'] == 64
+    assert rows[0]['start'] == pytest.approx(0.25)  # 64 channels: the slope bound lowers 0.5 to 64/256
+    assert rows[0]['grew'] == 0.5 and rows[0]['near_zero'] == 0.25 and rows[0]['max_ratio'] == 2.0
+    assert all(r['median_ratio'] == 1.0 and r['grew'] == 0 and r['near_zero'] == 0 for r in rows[1:])
