@@ -146,8 +146,8 @@ def _find_sites(model: nn.Module, img_size, blocks_without_skip: bool) -> Tuple[
         if _target(node) in _ADDS and len(full := _full_operands(node)) == 2 and depth[full[0]] != depth[full[1]]:
             ends.append(_branch_end(graph, max(full, key=depth.get)))
     for block in [n for n, m in model.named_modules() if blocks_without_skip and getattr(m, 'has_skip', 1) is False]:
-        output = [n for n in graph.graph.nodes if block in n.meta.get('nn_module_stack', {})][-1]
-        node, norm = _branch_end(graph, output, through='identity')
+        inside = [n for n in graph.graph.nodes if block in n.meta.get('nn_module_stack', {})]
+        node, norm = _branch_end(graph, inside[-1], through='identity') if inside else (None, None)
         if isinstance(norm, _BatchNorm) and isinstance(getattr(norm, 'act', None), (nn.Identity, type(None))):
             ends.append((node, norm))  # a linear norm ends it, as it ends an inverted residual
     sites = {}
