@@ -215,6 +215,18 @@ def test_model_default_cfg_heads(name):
     assert cfg['first_conv'] + '.weight' in state_dict
 
 
+@pytest.mark.parametrize('name', ALL_MODELS)
+def test_model_builds_on_the_device_it_is_given(name):
+    """timm builds on the meta device (no memory) and on a given dtype; every attention module joins it."""
+    model = timm.create_model(name, device='meta', dtype=torch.float64)
+    off = [
+        n
+        for n, t in model.state_dict().items()
+        if t.device.type != 'meta' or t.is_floating_point() != (t.dtype == torch.float64)
+    ]
+    assert not off, f'built elsewhere: {off}'
+
+
 @pytest.mark.parametrize('name', FAST_MODELS)
 def test_model_features_only(name):
     model = timm.create_model(name, features_only=True).eval()

@@ -16,7 +16,7 @@ from timm.layers.squeeze_excite import SEModule
 
 from ..layers import BAM, NAM, ConstantScale, NAMChannel, NAMSpatial, SimAM, TripletAttention
 
-__all__ = ['NAM_KINDS', 'BLOCK_KINDS', 'create_attn', 'nam_options']
+__all__ = ['NAM_KINDS', 'BLOCK_KINDS', 'create_attn', 'factory_kwargs', 'nam_options']
 
 # kind -> (what it is, where it goes, factory(channels, **options))
 _TABLE = {
@@ -52,6 +52,11 @@ def create_attn(kind: str, channels: int, **options) -> nn.Module:
     if kind not in _TABLE:
         raise ValueError(f'Unknown attention {kind!r}; expected one of {sorted(_TABLE)}')
     return _TABLE[kind][2](channels, **options)
+
+
+def factory_kwargs(module: nn.Module) -> dict:
+    """The device and dtype (timm also builds on the meta device) of the module a new one joins or replaces."""
+    return dict(device=module.weight.device, dtype=module.weight.dtype)
 
 
 def nam_options(block_attn: Optional[str], weighting: str = 'sum', grad_through_weights: bool = False) -> dict:

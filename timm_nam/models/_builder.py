@@ -10,7 +10,7 @@ import torch.nn as nn
 from timm.layers import to_2tuple
 from timm.models import build_model_with_cfg, load_pretrained, resolve_pretrained_cfg
 
-from ._attn import BLOCK_KINDS, NAM_KINDS, create_attn, nam_options
+from ._attn import BLOCK_KINDS, NAM_KINDS, create_attn, factory_kwargs, nam_options
 from ._placement import insert_nam, nam_sites
 
 __all__ = ['build_nam_model']
@@ -69,11 +69,11 @@ def _network(
     elif block_attn in BLOCK_KINDS:  # after the norm NAM would gate, before the add (not timm's SE slot)
         for site in nam_sites(model, blocks_without_skip=True):
             norm = model.get_submodule(site)
-            norm.act = create_attn(block_attn, norm.num_features)
+            norm.act = create_attn(block_attn, norm.num_features, **factory_kwargs(norm))
     for path in stages if stage_attn else ():
         stage = model.get_submodule(path)
-        channels = [m for m in stage.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)][-1].num_features
-        stage.append(create_attn(stage_attn, channels))
+        norm = [m for m in stage.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)][-1]
+        stage.append(create_attn(stage_attn, norm.num_features, **factory_kwargs(norm)))
     if load_weights is not None:
         load_weights(model, kwargs.get('in_chans', 3))
     return model

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from timm.layers import get_notrace_functions, get_notrace_modules, to_2tuple
 
 from ..layers import NormNAM, norm_nam
-from ._attn import NAM_KINDS, create_attn
+from ._attn import NAM_KINDS, create_attn, factory_kwargs
 
 __all__ = ['nam_sites', 'insert_nam', 'NAMPlacementError', 'model_name']
 _BatchNorm = nn.modules.batchnorm._BatchNorm
@@ -232,9 +232,8 @@ def insert_nam(
         act = getattr(norm, 'act', None)
         if act is not None:  # the gate goes between the norm and its activation
             norm.act = nn.Identity()
-        dd = dict(device=norm.weight.device, dtype=norm.weight.dtype)
         pixels = dict(feat_size=tuple(shape[-2:])) if kind != 'nam' else {}
-        gate = create_attn(kind, norm.num_features, **pixels, **options, **dd)
+        gate = create_attn(kind, norm.num_features, **pixels, **options, **factory_kwargs(norm))
         parent, _, attr = site.rpartition('.')
         setattr(model.get_submodule(parent), attr, norm_nam(norm, gate, act).train(norm.training))
     return model

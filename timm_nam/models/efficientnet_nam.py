@@ -1,8 +1,6 @@
 """EfficientNets with NAM at the end of every block: timm's networks, built by timm, NAM after the projection
-(pointwise-linear) norm of each block, before the shortcut add, in every block as the paper counts MobileNetV2's.
-
-* ``efficientnet_b0_nam``: timm's EfficientNet-B0 (its own SE kept) plus channel NAM at every block end.
-* ``efficientnet_lite0_nam``: timm's EfficientNet-Lite0 plus channel NAM at every block end.
+(pointwise-linear) norm of each block, before the shortcut add, in every block as the paper counts MobileNetV2's:
+channel NAM in ``efficientnet_b0_nam`` (EfficientNet-B0, its own SE kept) and ``efficientnet_lite0_nam``.
 """
 
 from functools import partial

@@ -12,7 +12,7 @@ from functools import partial
 import torch.nn as nn
 from timm.models import ResNet, generate_default_cfgs, register_model
 
-from ._attn import create_attn
+from ._attn import create_attn, factory_kwargs
 from ._builder import build_nam_model
 from ._cfg import cifar_cfg, nam_cfg, plain_cfg
 
@@ -50,7 +50,7 @@ default_cfgs = generate_default_cfgs(
 def _cifar_stem(model: ResNet) -> None:
     """The paper's CIFAR ResNet (kuangliu-style): a 3x3 stride-1 stem conv and no max-pool."""
     conv = model.conv1
-    model.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, padding=1, bias=False, device=conv.weight.device)
+    model.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, padding=1, bias=False, **factory_kwargs(conv))
     nn.init.kaiming_normal_(model.conv1.weight, mode='fan_out', nonlinearity='relu')
     model.maxpool = nn.Identity()
     for info in model.feature_info:
