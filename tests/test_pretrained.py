@@ -365,6 +365,34 @@ def test_add_nam_refuses_networks_it_cannot_convert_and_leaves_them_unchanged(ar
     assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
 
 
+class _ResidualBlock(nn.Module):
+    """A conv-BN residual block whose forward torch.fx cannot trace (``data_dependent``) or whose traced graph fails
+    on every image size add_nam tries (an assert without a message, as timm's attention blocks have)."""
+
+    def __init__(self, data_dependent: bool):
+        super().__init__()
+        self.conv, self.bn, self.data_dependent = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3), data_dependent
+
+    def forward(self, x):
+        if self.data_dependent and x.sum() > 0:
+            return x
+        torch._assert(x.shape[-1] == 20, '')
+        return x + self.bn(self.conv(x))
+
+
+@pytest.mark.parametrize(
+    'data_dependent,reason',
+    [
+        (True, 'torch.fx cannot trace it (TraceError: symbolically traced variables cannot be used as inputs'),
+        (False, 'its traced graph fails on a 224x224 image (AssertionError)'),
+    ],
+)
+def test_add_nam_says_why_it_cannot_analyse_a_network(data_dependent, reason):
+    with pytest.raises(NAMPlacementError, match=rf'Cannot add NAM to _ResidualBlock: {re.escape(reason)}'):
+        add_nam(_ResidualBlock(data_dependent))
+    assert add_nam(_ResidualBlock(False), img_size=20).bn.nam.bn.weight.shape == (3,)
+
+
 def test_add_nam_checks_every_block_before_changing_any():
     model = _plain('resnet18')
     model.layer3[1].bn2 = nn.BatchNorm2d(256, affine=False)  # one block's last norm has no scale to gate with

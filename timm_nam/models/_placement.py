@@ -2,14 +2,12 @@
 branch, before the residual add.
 
 The network is traced with torch.fx (batch norms, NAM sites and timm's no-trace modules as leaves) and run once on a
-zero image to know each tensor's shape. Every add of two tensors of one shape is a residual add; of its two operands
-the one computed later (the longer path from the input) is the branch, the other the shortcut (identity or a
-projection). The branch is walked back through what keeps its values in place — identity, dropout, drop-path,
-activations, layer scale and other broadcast scales, an attention gate ``x * g`` — to the batch norm it ends in
-(a norm-act counts as a norm; its activation then runs behind the gate). Inverted-residual blocks without a skip
-(timm marks its EfficientNet-family blocks with ``has_skip``) have no add; the paper's MobileNetV2 counts them, so
-their output is walked back alike when ``blocks_without_skip`` is set. `insert_nam` replaces each such norm with a
-`NormNAM` (the norm, the gate on its output, and the norm's activation, if any).
+zero image to know each tensor's shape. Every add of two tensors of one shape is a residual add; of its operands the
+deeper one (the longer path from the input) is the branch, the other the shortcut. The branch is walked back through
+what keeps its values in place (identity, dropout, drop-path, activations, layer scale and other broadcast scales, an
+attention gate ``x * g``) to the batch norm it ends in (a norm-act counts as a norm; its activation then runs behind
+the gate). Inverted-residual blocks without a skip (timm's ``has_skip``) have no add; the paper's MobileNetV2 counts
+them, so with ``blocks_without_skip`` their output is walked back alike. `insert_nam` makes each norm a `NormNAM`.
 """
 
 import operator
@@ -63,9 +61,7 @@ def _shaped_graph(model: nn.Module, img_size) -> fx.GraphModule:
     try:
         graph = fx.GraphModule(model, _Tracer().trace(model))
     except Exception as e:
-        raise NAMPlacementError(
-            f'Cannot add NAM to {name}: torch.fx cannot trace it ({type(e).__name__}: {str(e).splitlines()[0]})'
-        ) from None
+        raise NAMPlacementError(f'Cannot add NAM to {name}: torch.fx cannot trace it ({_first_line(e)})') from None
     first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     if first is None:
         raise NAMPlacementError(f'Cannot add NAM to {name}: it has no 2D convolution')
@@ -76,12 +72,16 @@ def _shaped_graph(model: nn.Module, img_size) -> fx.GraphModule:
             x = first.weight.new_zeros(1, first.in_channels, *to_2tuple(img_size))
             fx.passes.shape_prop.ShapeProp(graph).propagate(x)
     except Exception as e:
-        size, why = 'x'.join(map(str, to_2tuple(img_size))), str(e.__cause__ or e).splitlines()[0]
+        size, why = 'x'.join(map(str, to_2tuple(img_size))), _first_line(e.__cause__ or e)  # ShapeProp wraps it
         raise NAMPlacementError(f'Cannot add NAM to {name}: its traced graph fails on a {size} image ({why})') from None
     finally:
         for m, mode in modes.items():
             m.training = mode
     return graph
+
+
+def _first_line(e: BaseException) -> str:
+    return ': '.join([type(e).__name__, *str(e).splitlines()[:1]])  # an assert may have no message
 
 
 def _shape(arg) -> Optional[torch.Size]:
