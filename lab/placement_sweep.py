@@ -181,6 +181,23 @@ def cmd_summarize(args):
             f'| {family} | {len(members)} | {accepted} | {error} | {count["refused"]} | {count["failed"]} '
             f'| {count["left out"]} | {"; ".join(reasons)[:160]} |'
         )
+    results = [r['result'] for r in rows]
+    # the families NAM should go into: a network accepted, or one that could not be analysed (counted against)
+    placed = {f: m for f, m in families.items() if any(r['result'].startswith(('accepted', 'failed')) for r in m)}
+    measured = {f: [r for r in m if r['result'].startswith(('accepted', 'failed'))] for f, m in placed.items()}
+    within = [f for f, m in measured.items() if all(r['result'] == 'accepted' for r in m)]
+    errors = {f: sorted(float(r['rel_error']) for r in m if r['rel_error']) for f, m in placed.items()}
+    typical = [f for f, e in errors.items() if e and e[len(e) // 2] <= ERROR_BOUND]
+    share = lambda part: f'{len(part)} ({100 * len(part) / max(len(placed), 1):.0f} %)'  # noqa: E731
+    head = [
+        f'{len(rows)} networks: {results.count("accepted")} accepted within {ERROR_BOUND:g}, '
+        f'{results.count("accepted, off")} accepted above it (off), {results.count("refused")} refused, '
+        f'{results.count("failed")} failed, {results.count("left out")} left out. {len(placed)} families have '
+        'residual branches that end in a batch norm (a network accepted) or a network that could not be analysed; '
+        f'in {share(within)} every such network is accepted within {ERROR_BOUND:g}, in {share(typical)} the median.',
+        '',
+    ]
+    lines = head + lines
     (Path(args.out) / 'sweep.md').write_text('\n'.join(lines) + '\n')
     print('\n'.join(lines))
 
