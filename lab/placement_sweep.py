@@ -188,7 +188,10 @@ def cmd_summarize(args):
     within = [f for f, m in measured.items() if all(r['result'] == 'accepted' for r in m)]
     errors = {f: sorted(float(r['rel_error']) for r in m if r['rel_error']) for f, m in placed.items()}
     typical = [f for f, e in errors.items() if e and e[len(e) // 2] <= ERROR_BOUND]
-    share = lambda part: f'{len(part)} ({100 * len(part) / max(len(placed), 1):.0f} %)'  # noqa: E731
+
+    def share(part):
+        return f'{len(part)} ({100 * len(part) / max(len(placed), 1):.0f} %)'
+
     head = [
         f'{len(rows)} networks: {results.count("accepted")} accepted within {ERROR_BOUND:g}, '
         f'{results.count("accepted, off")} accepted above it (off), {results.count("refused")} refused, '
