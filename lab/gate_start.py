@@ -13,8 +13,9 @@ import argparse
 import csv
 from pathlib import Path
 
-import timm
+import torch
 
+from timm_nam.convert import start_scale
 from timm_nam.layers import NAMChannel, NAMSpatial
 from timm_nam.train_run import create_model_from_run, read_run
 
@@ -24,13 +25,12 @@ def _gates(model):
 
 
 def gate_rows(run_dir) -> list:
+    """One row per gate of the run's model (``run_dir``: a train.py output directory or a checkpoint in it)."""
     run = read_run(run_dir)
-    kwargs = {k: v for k, v in (run.args.get('model_kwargs') or {}).items() if k != 'nam_penalty'}
-    start = _gates(timm.create_model(run.args['model'], pretrained=True, num_classes=run.args['num_classes'], **kwargs))
     rows = []
     for name, gate in _gates(create_model_from_run(run)).items():
-        s0 = start[name].bn.weight.detach()
         s1 = gate.bn.weight.detach()
+        s0 = torch.full_like(s1, start_scale(gate))  # where the conversion started every scale of the gate
         ratio = s1 / s0
         rows.append(
             dict(

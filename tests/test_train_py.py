@@ -33,7 +33,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _run_train_py(data, out, penalty, nproc=1, extra=(), model='resnet50_nam', img_size=64):
+def _run_train_py(data, out, penalty, nproc=1, extra=(), model='resnet50_nam', img_size=64, model_kwargs=()):
     launcher = (
         [sys.executable]
         if nproc == 1
@@ -57,6 +57,7 @@ def _run_train_py(data, out, penalty, nproc=1, extra=(), model='resnet50_nam', i
         'timm_nam',
         '--model-kwargs',
         f'nam_penalty={penalty}',
+        *model_kwargs,
         '--num-classes',
         '3',
         '--img-size',
@@ -175,3 +176,49 @@ def test_a_train_py_run_exports_for_the_hub_and_loads_back(data_dir, tmp_path):
     loaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
     assert timm.data.resolve_data_config({}, model=loaded)['input_size'] == (3, 48, 48)
     torch.testing.assert_close(loaded(x), expected)
+
+
+def test_any_backbone_with_nam_trains_validates_and_exports(data_dir, tmp_path):
+    """A base with no registered NAM model, from its plain weights in a local file: train.py's ``--model nam
+    --model-kwargs base=...`` with ``--pretrained-path``, validate.py's way of loading the checkpoint, ``timm-nam
+    sparsity`` and ``timm-nam export``, whose folder builds the same network through ``local-dir:``."""
+    import json
+
+    import timm
+    from safetensors.torch import save_file
+    from timm.models import load_checkpoint
+
+    from timm_nam.layers import NAMChannel
+    from timm_nam.train_run import create_model_from_run, read_run
+
+    plain = tmp_path / 'regnety_002.safetensors'
+    save_file(timm.create_model('regnety_002').state_dict(), str(plain))
+    extra = ['--pretrained', '--pretrained-path', str(plain)]
+    run = _run_train_py(
+        data_dir,
+        tmp_path / 'train',
+        'paper',
+        model='nam',
+        img_size=48,
+        extra=extra,
+        model_kwargs=['base=regnety_002', 'weighting=mean'],
+    )
+    x = torch.randn(2, 3, 48, 48)
+    trained = create_model_from_run(read_run(run / 'last.pth.tar'))
+    assert {m.weighting for m in trained.modules() if isinstance(m, NAMChannel)} == {'mean'}
+    validated = timm.create_model('nam', num_classes=3, base='regnety_002', weighting='mean')  # validate.py
+    load_checkpoint(validated, str(run / 'last.pth.tar'))
+    torch.testing.assert_close(validated.eval()(x), trained(x), rtol=0, atol=0)
+
+    tool = [sys.executable, '-m', 'timm_nam']
+    proc = subprocess.run([*tool, 'sparsity', str(run)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and 'regnety_002_nam from' in proc.stdout, proc.stderr[-3000:]
+    out = tmp_path / 'export'
+    proc = subprocess.run([*tool, 'export', str(run), str(out), '--tag', 'tiny'], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.loads((out / 'config.json').read_text())
+    assert config['architecture'] == 'nam'
+    assert config['model_args']['base'] == 'regnety_002' and config['model_args']['weighting'] == 'mean'
+    assert config['pretrained_cfg']['hf_hub_id'] == 'timm-nam/regnety_002_nam.tiny'
+    loaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
+    torch.testing.assert_close(loaded(x), create_model_from_run(read_run(run))(x), rtol=0, atol=1e-6)

@@ -41,7 +41,7 @@ def _cmd_sparsity(args) -> int:
     run = read_run(args.run)
     model = create_model_from_run(run, ema=args.ema)
     rows = scale_stats(model, args.thresholds)
-    name = run.args['model']
+    name = run.model_name
     print(f'{name} from {run.checkpoint}: |scale| of every NAM layer\n')
     print(render_stats(rows, args.thresholds))
     out_dir = Path(args.output or run.directory)

@@ -24,13 +24,15 @@ pulls every scale toward 0 by the same amount per step, reach 0 sooner. A one-ep
 moved every gate off its start, in either weighting. Measured in ``results/pretrained_conversion/``.
 """
 
+import math
 from pathlib import Path
-from typing import Dict, List, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from .layers import NAM, NAMChannel, NAMSpatial, NormNAM
+from .layers import NAM, ConstantScale, NAMChannel, NAMSpatial, NormNAM
+from .models._attn import nam_options
 from .models._placement import insert_nam, model_name
 
 __all__ = ['add_nam', 'load_plain_weights', 'plain_to_nam_state_dict', 'start_scale', 'SCALE_INIT', 'GATE_SLOPE']
@@ -42,12 +44,15 @@ GATE_SLOPE = 1 / 256
 StateDict = Dict[str, torch.Tensor]
 
 
-def _gates(nam: nn.Module) -> List[nn.Module]:
-    """The gates of a site in the order they apply (channel, then spatial)."""
+def _gates(nam: nn.Module) -> List[Tuple[Optional[nn.Module], float]]:
+    """The gates of a site in the order they apply (channel, then spatial), each with the factor that undoes it at
+    the start: a fresh NAM gate is about 0.5, a constant scale is its value (and has no state of its own)."""
     if isinstance(nam, NAM):
-        return [nam.channel, nam.spatial]
+        return [(nam.channel, 2.0), (nam.spatial, 2.0)]
     if isinstance(nam, (NAMChannel, NAMSpatial)):
-        return [nam]
+        return [(nam, 2.0)]
+    if isinstance(nam, ConstantScale):
+        return [(None, 1.0 / nam.value)]
     raise ValueError(f'a {type(nam).__name__} cannot be loaded from plain weights (fold NAM after loading)')
 
 
@@ -112,16 +117,17 @@ def plain_to_nam_state_dict(
         if f'{prefix}num_batches_tracked' in out:
             out[f'{prefix}norm.num_batches_tracked'] = out.pop(f'{prefix}num_batches_tracked')
         gates = _gates(site.nam)
-        gain = 2.0 ** len(gates)  # each fresh gate is about 0.5
+        gain = math.prod(factor for _, factor in gates)
         mean, var = _norm_output_stats(out, f'{prefix}norm.', site.norm.eps)
         for key in ('weight', 'bias'):
             out[f'{prefix}norm.{key}'] = out[f'{prefix}norm.{key}'] * gain
         mean, var = mean * gain, var * gain**2
-        for gate in gates:
-            gate_prefix = f'{prefix}nam.' + ('bn.' if gate is site.nam else f'{_child_name(site.nam, gate)}.bn.')
-            scale = start_scale(gate, scale_init, max_slope)
-            out.update({f'{gate_prefix}{k}': v for k, v in _gate_state(gate, mean, var, scale).items()})
-            mean, var = mean / 2, var / 4
+        for gate, factor in gates:
+            if gate is not None:
+                gate_prefix = f'{prefix}nam.' + ('bn.' if gate is site.nam else f'{_child_name(site.nam, gate)}.bn.')
+                scale = start_scale(gate, scale_init, max_slope)
+                out.update({f'{gate_prefix}{k}': v for k, v in _gate_state(gate, mean, var, scale).items()})
+            mean, var = mean / factor, var / factor**2
     return out
 
 
@@ -191,7 +197,8 @@ def add_nam(
     Args:
         model: a timm network, pretrained or not.
         kind: 'nam' (channel attention), 'nam_sp' (spatial) or 'nam_chsp' (channel then spatial), as the suffixes of
-            the registered models; spatial kinds need ``img_size``.
+            the registered models; spatial kinds need ``img_size``. 'half', the control, puts NAM's start in place of
+            each gate: a constant 0.5, the norm's affine doubled.
         blocks_without_skip: also gate the inverted-residual blocks without a skip, as the paper counts MobileNetV2's
             17 and the registered models do; off by default, as these blocks carry most of the conversion's error.
         scale_init, max_slope: NAM's start, ``min(scale_init, max_slope / w)`` (module docstring).
@@ -201,7 +208,7 @@ def add_nam(
     ValueError) naming it and the case, and is left unchanged.
     """
     plain = model.state_dict()
-    options = dict(weighting=weighting, grad_through_weights=grad_through_weights)
+    options = nam_options(kind, weighting, grad_through_weights)
     insert_nam(model, kind, img_size=img_size, blocks_without_skip=blocks_without_skip, **options)
     model.load_state_dict(plain_to_nam_state_dict(plain, model, scale_init, max_slope))
     return model

@@ -47,7 +47,7 @@ def export_run(run_path, out_dir, tag: str, dataset_name: Optional[str] = None, 
     weights. The config records the input size the run trained at."""
     run = read_run(run_path)
     model = create_model_from_run(run, ema=ema)
-    name = run.args['model']
+    name = run.model_name
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data_dir = run.args.get('data_dir') or run.args.get('data')
@@ -69,7 +69,8 @@ def export_run(run_path, out_dir, tag: str, dataset_name: Optional[str] = None, 
         pretrained_cfg['input_size'] = tuple(run.input_size)
         pretrained_cfg.pop('pool_size', None)
     model_config['pretrained_cfg'] = pretrained_cfg
-    model.pretrained_cfg = model.default_cfg = dict(pretrained_cfg, architecture=name)  # newer timm merge into it
+    # newer timm merge into it; the architecture builds the model again with the recorded model_args (base=...)
+    model.pretrained_cfg = model.default_cfg = dict(pretrained_cfg, architecture=run.args['model'])
     # the input size a fixed-size model (pixel attention) was built for; the others take any size
     fixed = pretrained_cfg.get('fixed_input_size')
     model_args = {'img_size': list(pretrained_cfg['input_size'][-2:])} if fixed else None

@@ -25,6 +25,18 @@ class TrainRun:
     checkpoint: Path
 
     @property
+    def model_name(self) -> str:
+        """The name the run's model goes by: its model, or for the model ``nam`` (any network with NAM) its base's
+        name with ``_nam``, as the registered models are named."""
+        name = self.args['model']
+        if name != 'nam':
+            return name
+        from .models.generic import DEFAULT_BASE
+
+        base = (self.args.get('model_kwargs') or {}).get('base', DEFAULT_BASE)
+        return f'{base.split(".")[0]}_nam'
+
+    @property
     def input_size(self) -> Optional[Tuple[int, int, int]]:
         """The input size the run trained at, as train.py resolves it (``--input-size``, else ``--img-size``); None
         when neither was given (the model's default)."""

@@ -16,7 +16,7 @@ from timm.layers.squeeze_excite import SEModule
 
 from ..layers import BAM, NAM, ConstantScale, NAMChannel, NAMSpatial, SimAM, TripletAttention
 
-__all__ = ['NAM_KINDS', 'BLOCK_KINDS', 'create_attn', 'factory_kwargs', 'nam_options']
+__all__ = ['NAM_KINDS', 'SITE_KINDS', 'BLOCK_KINDS', 'create_attn', 'factory_kwargs', 'nam_options']
 
 # kind -> (what it is, where it goes, factory(channels, **options))
 _TABLE = {
@@ -43,6 +43,8 @@ _TABLE = {
     'bam': ('BAM, r=16, dilation 4', 'stage', BAM),
 }
 NAM_KINDS = ('nam', 'nam_sp', 'nam_chsp')
+# what add_nam places at NAM's sites and converts plain weights for: NAM, and the constant it starts as (a control)
+SITE_KINDS = NAM_KINDS + ('half',)
 BLOCK_KINDS = tuple(kind for kind, (_, where, _) in _TABLE.items() if where == 'block')
 
 

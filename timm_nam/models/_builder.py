@@ -13,7 +13,7 @@ from timm.models import build_model_with_cfg, load_pretrained, resolve_pretraine
 from ._attn import BLOCK_KINDS, NAM_KINDS, create_attn, factory_kwargs, nam_options
 from ._placement import insert_nam, nam_sites
 
-__all__ = ['build_nam_model']
+__all__ = ['build_nam_model', 'finish_nam_model']
 
 
 def build_nam_model(
@@ -35,8 +35,14 @@ def build_nam_model(
     weights = partial(_load_weights, variant, cfg, kwargs.pop('cache_dir', None)) if pretrained else None
     network = partial(_network, plain, weights)
     model = build_model_with_cfg(network, variant, False, pretrained_cfg=cfg, feature_cfg=feature_cfg, **kwargs)
-    if kwargs.get('img_size') is not None:
-        _state_input_size(model, to_2tuple(kwargs['img_size']))
+    return finish_nam_model(model, kwargs.get('img_size'), nam_penalty)
+
+
+def finish_nam_model(model: nn.Module, img_size, nam_penalty) -> nn.Module:
+    """What every NAM model gets after timm built it: a cfg that states the ``img_size`` it was built for, and the
+    paper's penalty with p ``nam_penalty`` at every optimizer step (None: none)."""
+    if img_size is not None:
+        _state_input_size(model, to_2tuple(img_size))
     if nam_penalty is not None:
         from ..penalty import enable_penalty
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from timm.layers import get_notrace_functions, get_notrace_modules, to_2tuple
 
 from ..layers import NormNAM, norm_nam
-from ._attn import NAM_KINDS, create_attn, factory_kwargs
+from ._attn import NAM_KINDS, SITE_KINDS, create_attn, factory_kwargs
 
 __all__ = ['nam_sites', 'insert_nam', 'NAMPlacementError', 'model_name']
 _BatchNorm = nn.modules.batchnorm._BatchNorm
@@ -223,16 +223,16 @@ def insert_nam(
     Every site is checked before anything changes: a network NAM cannot be placed in raises `NAMPlacementError`
     and is left as it was. Spatial kinds are built for ``img_size``; ``options`` go to the NAM layers.
     """
-    if kind not in NAM_KINDS:
-        raise ValueError(f'Unknown NAM kind {kind!r}; expected one of {list(NAM_KINDS)}')
-    if kind != 'nam' and img_size is None:
+    if kind not in SITE_KINDS:
+        raise ValueError(f'Unknown NAM kind {kind!r}; expected one of {list(SITE_KINDS)}')
+    if kind in NAM_KINDS and kind != 'nam' and img_size is None:
         raise NAMPlacementError(f'{model_name(model)}: spatial NAM needs img_size= (one scale per pixel position)')
     for site, shape in _sites(model, blocks_without_skip, img_size).items():
         norm = model.get_submodule(site)
         act = getattr(norm, 'act', None)
         if act is not None:  # the gate goes between the norm and its activation
             norm.act = nn.Identity()
-        pixels = dict(feat_size=tuple(shape[-2:])) if kind != 'nam' else {}
+        pixels = dict(feat_size=tuple(shape[-2:])) if kind in ('nam_sp', 'nam_chsp') else {}
         gate = create_attn(kind, norm.num_features, **pixels, **options, **factory_kwargs(norm))
         parent, _, attr = site.rpartition('.')
         setattr(model.get_submodule(parent), attr, norm_nam(norm, gate, act).train(norm.training))
