@@ -15,8 +15,9 @@ trained-like where every block is residual, randomised for the inverted-residual
   random network far more sensitive than a trained one (a trained ResNet or MobileNet moves by about 1e-4 to 1e-3)
   magnifies the conversion's first-order term as it magnifies the noise;
 * ``trains``: one training step with the paper's penalty gives every gate's scale a gradient;
-* ``misplaced`` / ``ungated``: gates whose output does not reach a residual add as its branch, and batch norms that
-  end a residual branch without a gate (`tests.helpers`; both should be 0).
+* ``misplaced`` / ``missing``: gates that are not where timm's own block modules say a residual branch ends, and
+  such ends without a gate (`tests.helpers.placement_errors`, which reads the blocks' classes and flags, not the
+  traced graph; both should be 0); empty where none of the network's blocks is one it reads (``read`` false).
 
 ``summarize`` writes sweep.md: one line per timm model family (the module timm registers it in), and the rows.
 """
@@ -35,12 +36,12 @@ from timm.data import create_dataset, create_transform
 from timm.models._registry import _model_to_module
 
 import timm_nam
-from tests.helpers import bn_states_, misplaced_gates, ungated_branches
+from tests.helpers import bn_states_, placement_errors
 from timm_nam.models import MODEL_MODULES, NAMPlacementError
 
 FIELDS = [
-    'family', 'model', 'params_m', 'img_size', 'result', 'gates', 'rel_error', 'sensitivity', 'trains', 'misplaced',
-    'ungated', 'reason',
+    'family', 'model', 'params_m', 'img_size', 'result', 'gates', 'rel_error', 'sensitivity', 'trains', 'read',
+    'misplaced', 'missing', 'reason',
 ]  # fmt: skip
 ERROR_BOUND = 2e-2
 
@@ -102,16 +103,18 @@ def _measure(name: str, photos: torch.Tensor, img_size: int) -> dict:
     loss = timm_nam.NAMSparsityLoss(nn.CrossEntropyLoss(), model)(model(x[:8]), torch.arange(8) % 10)
     loss.backward()
     trains = all(s.grad is not None and s.grad.abs().sum() > 0 for s in scales)
-    misplaced, ungated = misplaced_gates(model, (img_size, img_size)), ungated_branches(model, (img_size, img_size))
-    ok = rel <= ERROR_BOUND and trains and not misplaced and not ungated
+    errors = placement_errors(model)
+    misplaced, missing = errors or ([], [])
+    ok = rel <= ERROR_BOUND and trains and not misplaced and not missing
     return row | dict(
         result='accepted' if ok else 'accepted, off',
         gates=len(scales),
         rel_error=f'{rel:.3g}',
         trains=trains,
-        misplaced=len(misplaced),
-        ungated=len(ungated),
-        reason='' if ok else ' '.join(misplaced + ungated)[:200],
+        read=errors is not None,
+        misplaced=len(misplaced) if errors is not None else '',
+        missing=len(missing) if errors is not None else '',
+        reason='' if ok else ' '.join(misplaced + missing)[:200],
     )
 
 
@@ -167,8 +170,9 @@ def cmd_summarize(args):
     for row in rows:
         families[row['family']].append(row)
     lines = [
-        '| family | networks | accepted | error (median, max) | refused | failed | left out | why refused |',
-        '|---|---:|---:|---|---:|---:|---:|---|',
+        '| family | networks | accepted | read by blocks: misplaced, missing | error (median, max) | refused | failed '
+        '| left out | why refused |',
+        '|---|---:|---:|---|---|---:|---:|---:|---|',
     ]
     for family, members in sorted(families.items()):
         count = {r: sum(m['result'] == r for m in members) for r in ('accepted', 'refused', 'failed', 'left out')}
@@ -177,8 +181,10 @@ def cmd_summarize(args):
         error = f'{errors[len(errors) // 2]:.1e}, {errors[-1]:.1e}' if errors else ''
         reasons = sorted({m['reason'].split(';')[0].split(' (')[0] for m in members if m['result'] == 'refused'})
         accepted = f'{count["accepted"]}' + (f' (+{off} off)' if off else '')
+        read = [m for m in members if m.get('read') == 'True']
+        checked = f'{len(read)}: {_total(read, "misplaced")}, {_total(read, "missing")}' if read else ''
         lines.append(
-            f'| {family} | {len(members)} | {accepted} | {error} | {count["refused"]} | {count["failed"]} '
+            f'| {family} | {len(members)} | {accepted} | {checked} | {error} | {count["refused"]} | {count["failed"]} '
             f'| {count["left out"]} | {"; ".join(reasons)[:160]} |'
         )
     results = [r['result'] for r in rows]
@@ -192,17 +198,26 @@ def cmd_summarize(args):
     def share(part):
         return f'{len(part)} ({100 * len(part) / max(len(placed), 1):.0f} %)'
 
+    accepted = [r for r in rows if r['result'].startswith('accepted')]
+    read = [r for r in accepted if r.get('read') == 'True']
     head = [
         f'{len(rows)} networks: {results.count("accepted")} accepted within {ERROR_BOUND:g}, '
         f'{results.count("accepted, off")} accepted above it (off), {results.count("refused")} refused, '
         f'{results.count("failed")} failed, {results.count("left out")} left out. {len(placed)} families have '
         'residual branches that end in a batch norm (a network accepted) or a network that could not be analysed; '
-        f'in {share(within)} every such network is accepted within {ERROR_BOUND:g}, in {share(typical)} the median.',
+        f'in {share(within)} every such network is accepted within {ERROR_BOUND:g}, in {share(typical)} the median. '
+        f"Of the {len(accepted)} accepted, {len(read)} have blocks that timm's block modules tell apart "
+        f'(`tests.helpers.placement_errors`, independent of the placement): {_total(read, "misplaced")} gates '
+        f'misplaced, {_total(read, "missing")} residual branch ends left without a gate.',
         '',
     ]
     lines = head + lines
     (Path(args.out) / 'sweep.md').write_text('\n'.join(lines) + '\n')
     print('\n'.join(lines))
+
+
+def _total(rows, column: str) -> int:
+    return sum(int(r[column] or 0) for r in rows)
 
 
 def main():

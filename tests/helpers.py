@@ -4,7 +4,7 @@ downloads), batch-norm states for the conversion tests and the research area's m
 import importlib
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -185,43 +185,108 @@ def write_train_py_run(directory: Path, model: nn.Module, args: dict, top1: Sequ
     return directory
 
 
-def misplaced_gates(model: nn.Module, img_size=(64, 64)) -> list:
-    """The NAM sites of ``model`` whose gate's output does not reach a residual add as the branch operand (through
-    what keeps its values in place) and does not end an inverted-residual block without a skip; [] when every gate
-    sits where NAM belongs."""
-    from timm_nam.layers import NormNAM
-    from timm_nam.models import _placement as placement
+# ---- where NAM belongs, read from timm's block modules (independent of timm_nam's traced-graph placement) ----
 
-    graph = placement._shaped_graph(model, img_size)
-    depth = placement._depths(graph.graph)
-    skipless = {n for n, m in model.named_modules() if getattr(m, 'has_skip', True) is False}
-    wrong = []
-    for gate in [n for n in graph.graph.nodes if n.op == 'call_module' and n.target in dict(model.named_modules())]:
-        if not isinstance(model.get_submodule(gate.target), NormNAM):
+# blocks that always add their branch to a shortcut, by (timm module, class)
+_ALWAYS_RESIDUAL = {
+    ('resnet', 'BasicBlock'), ('resnet', 'Bottleneck'), ('res2net', 'Bottle2neck'), ('regnet', 'Bottleneck'),
+    ('cspnet', 'BottleneckBlock'), ('cspnet', 'DarkBlock'), ('dla', 'DlaBasic'), ('dla', 'DlaBottleneck'),
+    ('dla', 'DlaBottle2neck'), ('ghostnet', 'GhostBottleneck'), ('convmixer', 'Residual'), ('senet', 'SEResNetBlock'),
+    ('senet', 'SEBottleneck'), ('senet', 'SEResNetBottleneck'), ('senet', 'SEResNeXtBottleneck'),
+    ('sknet', 'SelectiveKernelBasic'), ('sknet', 'SelectiveKernelBottleneck'), ('resnest', 'ResNestBottleneck'),
+}  # fmt: skip
+# blocks that sum parallel branches of one input: no residual branch
+_PARALLEL_BRANCHES = {('byobnet', 'RepVggBlock'), ('byobnet', 'MobileOneBlock')}
+_SHORTCUT_FLAGS = ('has_skip', 'use_shortcut', 'use_res_connect', 'has_residual', 'residual')
+# children of a block that are not its branch's main path
+_NOT_BRANCH = (
+    'downsample',
+    'shortcut',
+    'skip',
+    'conv_shortcut',
+    'identity',
+    'se',
+    'se_module',
+    'attn',
+    'attn_last',
+    'aa',
+)
+
+
+def _block_kind(module: nn.Module) -> Optional[bool]:
+    """True for a residual block, False for a block without a residual add, None for a module not read as a block:
+    from the block's own flags, its shortcut attribute and its class."""
+    for flag in _SHORTCUT_FLAGS:
+        if isinstance(getattr(module, flag, None), bool):
+            return getattr(module, flag)
+    key = (type(module).__module__.rpartition('.')[2], type(module).__name__)
+    if key in _ALWAYS_RESIDUAL:
+        return True
+    if key in _PARALLEL_BRANCHES:
+        return False
+    if key[0] == 'byobnet' and key[1] in ('BasicBlock', 'BottleneckBlock', 'DarkBlock', 'EdgeBlock', 'SelfAttnBlock'):
+        return module.shortcut is not None
+    if key == ('dla', 'DlaRoot'):
+        return bool(module.shortcut)
+    return None
+
+
+def _branch_layers(block: nn.Module) -> list:
+    """The convolutions and norms of a block's branch in the order the block defines them (a NAM site counts as
+    its norm), leaving out its shortcut, attention and anti-aliasing children."""
+    from timm_nam.layers import NormNAM
+
+    layers, inside_site = [], ()
+    for name, m in block.named_modules():
+        if not name or name.split('.')[0] in _NOT_BRANCH or (inside_site and name.startswith(inside_site)):
             continue
-        reached, frontier = False, [gate]
-        while frontier and not reached:
-            node = frontier.pop()
-            for user in node.users:
-                full = placement._full_operands(user)
-                if placement._target(user) in placement._ADDS and len(full) == 2 and node in full:
-                    reached |= depth[node] == max(depth[a] for a in full) and full[0] is not full[1]
-                elif placement._step_back(graph, user) is node:
-                    frontier.append(user)
-        block = gate.target.rpartition('.')[0]
-        ends_block = any(block == b or block.startswith(b + '.') for b in skipless)
-        if not (reached or ends_block):
-            wrong.append(gate.target)
-    return wrong
+        if isinstance(m, NormNAM):
+            inside_site = name + '.'
+        if isinstance(m, (NormNAM, nn.modules.batchnorm._BatchNorm, nn.modules.conv._ConvNd)):
+            layers.append((name, m))
+    return layers
 
 
-def ungated_branches(model: nn.Module, img_size=(64, 64)) -> list:
-    """The batch norms that end a residual branch of ``model`` without a NAM gate."""
+def expected_sites(model: nn.Module, blocks_without_skip: bool = False) -> Tuple[Optional[set], set]:
+    """Where NAM belongs in ``model`` by timm's block modules: the last layer of every residual block's branch where
+    it is a norm (for a branch that ends in a GhostNet module, the norms of both its parts), and every block without
+    a residual add where ``blocks_without_skip``; None where no block was read. Also the names of the blocks read."""
     from timm_nam.layers import NormNAM
-    from timm_nam.models import _placement as placement
 
-    sites, _ = placement._find_sites(model, img_size, blocks_without_skip=False)
-    return [s for s in sites if not isinstance(model.get_submodule(s), NormNAM)]
+    sites, read = set(), set()
+    for name, module in model.named_modules():
+        kind = _block_kind(module)
+        if kind is None:
+            continue
+        read.add(name)
+        if not (kind or (blocks_without_skip and getattr(module, 'has_skip', None) is False)):
+            continue
+        layers = _branch_layers(module)
+        if not layers or not isinstance(layers[-1][1], (NormNAM, nn.modules.batchnorm._BatchNorm)):
+            continue  # the branch ends in a conv (pre-activation), not a norm
+        last = layers[-1][0]
+        ghost = module.get_submodule(last.rpartition('.')[0].rpartition('.')[0]) if '.' in last else None
+        if ghost is not None and hasattr(ghost, 'primary_conv') and hasattr(ghost, 'cheap_operation'):
+            prefix = last.rpartition('.')[0].rpartition('.')[0]
+            ends = [f'{prefix}.{part}.{n}' for part in ('primary_conv', 'cheap_operation')
+                    for n, m in getattr(ghost, part).named_children()
+                    if isinstance(m, (NormNAM, nn.modules.batchnorm._BatchNorm))]  # fmt: skip
+        else:
+            ends = [last]
+        sites |= {f'{name}.{end}' if name else end for end in ends}
+    return (sites if read else None), read
+
+
+def placement_errors(model: nn.Module, blocks_without_skip: bool = False) -> Optional[Tuple[list, list]]:
+    """The NAM gates of ``model`` that are not where `expected_sites` puts NAM (misplaced), and the expected sites
+    without a gate (missing); None where no timm block of ``model`` was read."""
+    from timm_nam.layers import NormNAM
+
+    expected, _ = expected_sites(model, blocks_without_skip)
+    if expected is None:
+        return None
+    gates = {n for n, m in model.named_modules() if isinstance(m, NormNAM)}
+    return sorted(gates - expected), sorted(expected - gates)
 
 
 # ---- real ImageNet weights and real photos ----

@@ -11,7 +11,7 @@ import torch
 from timm.models import get_pretrained_cfg_value, save_for_hf
 
 import timm_nam  # noqa: F401  registers the models also when TIMM_DISABLE_PLUGINS is set
-from tests.helpers import PAPER_PARAMS, misplaced_gates, ungated_branches
+from tests.helpers import PAPER_PARAMS, placement_errors
 from timm_nam import NAM, NAMChannel, NAMSpatial
 from timm_nam.layers import NormNAM
 from timm_nam.models import MODEL_MODULES
@@ -84,11 +84,9 @@ def test_nam_placement_resnet():
 
 @pytest.mark.parametrize('name', [m for m in FAST_MODELS if '_nam' in m and 'chsp' not in m and '_sp' not in m])
 def test_every_gate_of_a_registered_model_sits_at_a_block_end(name):
-    """Every gate's output reaches a residual add as its branch, or ends an inverted-residual block without a skip
-    (the paper's count), and no residual branch that ends in a batch norm is left without a gate."""
-    model = timm.create_model(name)
-    size = get_pretrained_cfg_value(name, 'input_size')[-2:]
-    assert misplaced_gates(model, size) == [] and ungated_branches(model, size) == []
+    """Every gate ends a residual block's branch, or an inverted-residual block without a skip (the paper's count),
+    and no such block is left without a gate, as timm's block modules say (`placement_errors`)."""
+    assert placement_errors(timm.create_model(name), blocks_without_skip=True) == ([], [])
 
 
 def test_nam_placement_mobilenetv2_is_after_projection_bn():

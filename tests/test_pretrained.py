@@ -21,7 +21,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 import timm_nam
-from tests.helpers import bn_states_, hf_cache_snapshot, misplaced_gates, offline_hub_env, ungated_branches
+from tests.helpers import bn_states_, hf_cache_snapshot, offline_hub_env, placement_errors
 from timm_nam import NAMChannel, NAMSpatial, add_nam, load_plain_weights
 from timm_nam.convert import GATE_SLOPE, SCALE_INIT, plain_to_nam_state_dict, start_scale
 from timm_nam.layers import NormNAM
@@ -302,8 +302,8 @@ FAMILIES = [
 @pytest.mark.parametrize('arch,bound', FAMILIES)
 def test_add_nam_keeps_what_the_network_computes_and_trains(arch, bound):
     """Every branch that ends in a batch norm gets a gate right after that norm (its activation, if any, moved behind
-    the gate), every gate's output reaches a residual add as its branch, the network computes what it did, and a
-    training step with the penalty reaches every gate."""
+    the gate), the gates are where timm's block modules say the residual branches end (`placement_errors`), the
+    network computes what it did, and a training step with the penalty reaches every gate."""
     model = _plain(arch, num_classes=10)
     sites = nam_sites(model)
     acts = {s: type(getattr(model.get_submodule(s), 'act', nn.Identity())) for s in sites}
@@ -312,7 +312,7 @@ def test_add_nam_keeps_what_the_network_computes_and_trains(arch, bound):
     assert add_nam(model) is model
     with torch.no_grad():
         assert _rel(expected, model(X)) < bound
-    assert misplaced_gates(model) == [] and ungated_branches(model) == []
+    assert placement_errors(model) == ([], [])
     for site, act in acts.items():
         norm_nam = model.get_submodule(site)
         assert isinstance(norm_nam, NormNAM) and isinstance(norm_nam.nam, NAMChannel)
@@ -327,12 +327,53 @@ def test_add_nam_keeps_what_the_network_computes_and_trains(arch, bound):
 
 
 def test_the_placement_check_finds_a_misplaced_gate():
-    """The structural checks the family tests rely on can fail: a gate after a norm inside the branch, and a branch
-    left without its gate, are both reported."""
+    """The check the family tests rely on reads timm's block modules, not the placement's graph, and can fail: a gate
+    after a norm inside the branch, and a branch left without its gate, are both reported."""
     model = add_nam(_plain('resnet18'))
     model.layer2[0].bn1 = NormNAM(model.layer2[0].bn1, NAMChannel(128))  # inside the branch, before its activation
     model.layer3[1].bn2 = model.layer3[1].bn2.norm
-    assert misplaced_gates(model) == ['layer2.0.bn1'] and ungated_branches(model) == ['layer3.1.bn2']
+    assert placement_errors(model) == (['layer2.0.bn1'], ['layer3.1.bn2'])
+
+
+@pytest.mark.parametrize(
+    'arch,site',
+    [
+        ('mobileone_s0', 'stages.0.1.conv_kxk.0.bn'),  # one of a block's parallel branches
+        ('repvgg_a0', 'stages.0.0.conv_kxk.bn'),
+        ('res2net50_14w_8s', 'layer1.0.bns.0'),  # a hierarchical split sum inside a block
+        ('hrnet_w18_small_v2', 'stage2.0.fuse_layers.0.1.1'),  # a multi-resolution fusion sum
+    ],
+)
+def test_the_placement_check_fails_on_gates_that_are_not_on_a_residual_branch(arch, site):
+    """Gating a sum that is not a residual branch's, as the placement once did in these networks, fails the check."""
+    model = timm.create_model(arch)
+    norm = model.get_submodule(site)
+    parent, _, attr = site.rpartition('.')
+    setattr(model.get_submodule(parent), attr, NormNAM(norm, NAMChannel(norm.num_features)))
+    assert site in placement_errors(model)[0]
+
+
+@pytest.mark.parametrize(
+    'arch,gates',
+    [('res2net50_14w_8s', 16), ('hrnet_w18_small_v2', 44), ('rexnet_100', 11), ('ghostnet_100', 32)],
+)
+def test_add_nam_gates_residual_branches_only(arch, gates):
+    """Res2Net's split sums and HRNet's fusion sums are not residual adds: one gate per residual block. RexNet's
+    residual adds into the first channels of its branch (``x[:, :C] += shortcut``) and GhostNet's branch ends in a
+    slice of a concatenation of two norms: gated after those norms (both of GhostNet's). Each converts."""
+    model = _plain(arch, num_classes=10)
+    with torch.no_grad():
+        expected = model(X)
+    add_nam(model)
+    assert len(timm_nam.nam_scales(model)) == gates and placement_errors(model) == ([], [])
+    with torch.no_grad():
+        assert _rel(expected, model(X)) < OTHER_BOUND
+
+
+@pytest.mark.parametrize('arch', ['mobileone_s0', 'repvgg_a0'])
+def test_sums_of_parallel_branches_are_refused_with_the_case(arch):
+    with pytest.raises(NAMPlacementError, match=f'Cannot add NAM to {arch}: its sums .* add parallel branches'):
+        add_nam(_plain(arch))
 
 
 def test_add_nam_gives_a_plain_network_the_registered_nam_model():
@@ -354,7 +395,6 @@ def test_add_nam_gives_a_plain_network_the_registered_nam_model():
         ('vit_tiny_patch16_224', 'it has no batch norm'),
         ('densenet121', 'it has no residual add (NAM gates the branch of a residual block, before the add)'),
         ('resnetv2_50', 'none of its residual branches ends in a batch norm; they end in Conv2d ×16 (pre-activation'),
-        ('ghostnet_100', 'none of its residual branches ends in a batch norm; they end in a slice (getitem) ×16'),
     ],
 )
 def test_add_nam_refuses_networks_it_cannot_convert_and_leaves_them_unchanged(arch, reason):

@@ -1,5 +1,5 @@
 """How every timm-nam model is built: timm's plain network, built by timm, with its attention placed, through timm's
-``build_model_with_cfg`` (cfg, features, kwargs), the weights loaded in a step of its own."""
+``build_model_with_cfg`` (cfg, features, kwargs, pretrained weights converted by its ``pretrained_filter_fn``)."""
 
 import math
 from functools import partial
@@ -8,7 +8,7 @@ from typing import Callable, Optional, Sequence, Tuple
 import timm
 import torch.nn as nn
 from timm.layers import to_2tuple
-from timm.models import build_model_with_cfg, load_pretrained, resolve_pretrained_cfg
+from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 
 from ._attn import BLOCK_KINDS, NAM_KINDS, create_attn, factory_kwargs, nam_options
 from ._placement import insert_nam, nam_sites
@@ -17,24 +17,41 @@ __all__ = ['build_nam_model', 'finish_nam_model']
 
 
 def build_nam_model(
-    variant: str, pretrained: bool, plain: str, feature_cfg: Optional[dict] = None, **kwargs
+    variant: str, pretrained: bool, plain: str, model_args: dict, feature_cfg: Optional[dict] = None, **kwargs
 ) -> nn.Module:
-    """The model ``variant``: timm's network ``plain`` with the attention its kwargs name (`_network`). Also takes
-    ``img_size`` (spatial NAM is built for it; the cfg then states it; fixed-size models default to their cfg's) and
-    ``nam_penalty`` (p of the paper's penalty, a float or 'paper', applied at every ``optimizer.step()`` by
-    `timm_nam.penalty.enable_penalty`: ``--model-kwargs nam_penalty=1e-4`` in timm's train.py). Pretrained weights
-    load through timm's loader right after the network is built (before timm's feature wrapper), timm's plain weights
-    converted on the way (`timm_nam.convert`); an error while loading names the model, the tag and the source."""
+    """The model ``variant``: timm's network ``plain`` with the attention ``model_args`` name (`_network`), built by
+    timm's ``build_model_with_cfg``; the caller's ``kwargs`` take precedence over ``model_args``, as in timm's own
+    entrypoints. Also takes ``img_size`` (spatial NAM is built for it; the cfg then states it; fixed-size models
+    default to their cfg's) and ``nam_penalty`` (p of the paper's penalty, a float or 'paper', applied at every
+    ``optimizer.step()`` by `timm_nam.penalty.enable_penalty`: ``--model-kwargs nam_penalty=1e-4`` in timm's
+    train.py). Pretrained weights load through timm's loader, timm's plain weights converted by the
+    ``pretrained_filter_fn`` (`timm_nam.convert`); an error while loading names the model, the tag and the source."""
+    from ..convert import plain_to_nam_state_dict
+
+    kwargs = dict(model_args, **kwargs)
     nam_penalty = kwargs.pop('nam_penalty', None)
-    cfg = resolve_pretrained_cfg(
-        variant, kwargs.pop('pretrained_cfg', None), kwargs.pop('pretrained_cfg_overlay', None)
-    )
+    cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
     if pretrained and not cfg.has_weights:
         tags = ', '.join(timm.list_pretrained(f'{variant}.*')) or 'no trained tags exist yet'
         raise ValueError(f'{variant} has no pretrained weights for its default (ImageNet) configuration; tags: {tags}')
-    weights = partial(_load_weights, variant, cfg, kwargs.pop('cache_dir', None)) if pretrained else None
-    network = partial(_network, plain, weights)
-    model = build_model_with_cfg(network, variant, False, pretrained_cfg=cfg, feature_cfg=feature_cfg, **kwargs)
+    built = []  # whether the network exists: what fails after that is the loading
+    network = partial(_network, plain, built)
+    try:
+        model = build_model_with_cfg(
+            network,
+            variant,
+            pretrained,
+            pretrained_filter_fn=plain_to_nam_state_dict,
+            feature_cfg=feature_cfg,
+            **kwargs,
+        )
+    except Exception as e:
+        if not (pretrained and built):
+            raise
+        source = cfg.file or cfg.hf_hub_id or cfg.url or 'its pretrained cfg'  # in the order timm's loader tries them
+        raise RuntimeError(
+            f'Could not load pretrained weights for {variant} ({cfg.tag or "default"} tag) from {source}: {e}'
+        ) from e
     return finish_nam_model(model, kwargs.get('img_size'), nam_penalty)
 
 
@@ -52,7 +69,7 @@ def finish_nam_model(model: nn.Module, img_size, nam_penalty) -> nn.Module:
 
 def _network(
     plain: str,
-    load_weights: Optional[Callable],
+    built: list,
     block_attn: Optional[str] = None,
     stage_attn: Optional[str] = None,
     stages: Sequence[str] = (),
@@ -64,7 +81,7 @@ def _network(
 ) -> nn.Module:
     """timm's network ``plain`` (changed by the model file's ``adapt``, e.g. a CIFAR stem) with ``block_attn`` after
     the norm that ends every block — NAM in every block the paper counts, a baseline in that norm's activation slot —
-    and ``stage_attn`` appended to the ``stages``; then its pretrained weights, if any."""
+    and ``stage_attn`` appended to the ``stages``."""
     options = nam_options(block_attn, nam_weighting, nam_grad_through_weights)
     model = timm.create_model(plain, **kwargs)
     vars(model).pop('_model_args', None)  # the plain network's build args: timm records the NAM model's own
@@ -80,25 +97,8 @@ def _network(
         stage = model.get_submodule(path)
         norm = [m for m in stage.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)][-1]
         stage.append(create_attn(stage_attn, norm.num_features, **factory_kwargs(norm)))
-    if load_weights is not None:
-        load_weights(model, kwargs.get('in_chans', 3))
+    built.append(model)
     return model
-
-
-def _load_weights(variant: str, cfg, cache_dir, model: nn.Module, in_chans: int) -> None:
-    """timm's loader, plain weights converted on the way (timm's ``pretrained_filter_fn``); its errors say what
-    failed to load."""
-    from ..convert import plain_to_nam_state_dict
-
-    model.pretrained_cfg = cfg.to_dict()
-    extra = {'cache_dir': cache_dir} if cache_dir is not None else {}
-    try:
-        load_pretrained(model, cfg.to_dict(), model.num_classes, in_chans, filter_fn=plain_to_nam_state_dict, **extra)
-    except Exception as e:
-        source = cfg.file or cfg.hf_hub_id or cfg.url or 'its pretrained cfg'  # in the order timm's loader tries them
-        raise RuntimeError(
-            f'Could not load pretrained weights for {variant} ({cfg.tag or "default"} tag) from {source}: {e}'
-        ) from e
 
 
 def _state_input_size(model: nn.Module, img_size: Tuple[int, int]) -> None:

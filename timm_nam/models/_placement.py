@@ -2,16 +2,21 @@
 branch, before the residual add.
 
 The network is traced with torch.fx (batch norms, NAM sites and timm's no-trace modules as leaves) and run once on a
-zero image to know each tensor's shape. Every add of two tensors of one shape is a residual add; of its operands the
-deeper one (the longer path from the input) is the branch, the other the shortcut. The branch is walked back through
-what keeps its values in place (identity, dropout, drop-path, activations, layer scale and other broadcast scales, an
-attention gate ``x * g``) to the batch norm it ends in (a norm-act counts as a norm; its activation then runs behind
-the gate). Inverted-residual blocks without a skip (timm's ``has_skip``) have no add; the paper's MobileNetV2 counts
-them, so with ``blocks_without_skip`` their output is walked back alike. `insert_nam` makes each norm a `NormNAM`.
+zero image to know each tensor's shape. A residual add is a sum of two tensors of one shape, a block's shortcut and
+its branch (`_Sums`): the shortcut is the point where the two fork (the block's input) or a projection of it, and the
+branch holds more weight layers (convolutions, linear layers). Sums of parallel branches of one input (MobileOne,
+RepVGG), hierarchical split sums (Res2Net) and multi-resolution fusion sums (HRNet) are not residual adds. The
+branch is walked back through what keeps its values in place (identity, dropout, drop-path, activations, layer scale
+and other broadcast scales, an attention gate ``x * g``, a leading channel slice ``x[:, :C]``) to the batch norm it
+ends in (a norm-act counts as a norm; its activation then runs behind the gate), or to the norms of the parts it
+concatenates (GhostNet).
+Inverted-residual blocks without a skip (timm's ``has_skip``) have no add; the paper's MobileNetV2 counts them, so
+with ``blocks_without_skip`` their output is walked back alike. `insert_nam` makes each norm a `NormNAM`.
 """
 
+import itertools
 import operator
-from collections import Counter
+from collections import Counter, OrderedDict
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -31,6 +36,11 @@ _SCALES = {operator.mul, operator.imul, torch.mul, 'mul', 'mul_'} | _ADDS  # bro
 _UNARY = {F.relu, F.relu6, F.leaky_relu, F.silu, F.gelu, F.hardswish, F.mish, F.dropout, torch.relu}
 _UNARY |= {'relu', 'relu_', 'contiguous', 'clone'}
 _IDENTITY_MODULES = ('torch.nn.modules.dropout', 'timm.layers.drop')
+_WEIGHT_LAYERS = {F.conv2d, torch.conv2d, F.linear}
+_POOLS = {F.avg_pool2d, F.max_pool2d, F.pad}
+_PROJECTIONS = (nn.modules.conv._ConvNd, _BatchNorm, nn.modules.pooling._AvgPoolNd, nn.modules.pooling._MaxPoolNd)
+_PROJECTIONS += (nn.ZeroPad2d, nn.Identity)
+_PARALLEL = 'a sum of parallel branches of one input (a MobileOne / RepVGG train-time block)'
 _NAMES = {'getitem': 'a slice (getitem)', 'cat': 'a concatenation (cat)', 'add': 'a sum of branches (add)'}
 _VALUE_MODULES = ('torch.nn.modules.activation', 'timm.layers.activations')
 
@@ -120,34 +130,127 @@ def _step_back(graph: fx.GraphModule, node: fx.Node, through: str = 'values') ->
     return full[0] if len(full) == 1 else None
 
 
-def _branch_end(graph: fx.GraphModule, node: fx.Node, through: str = 'values') -> Tuple[fx.Node, Optional[nn.Module]]:
-    """Walk back from ``node`` (`_step_back`) to the node that computes its values, and that node's module (None for
-    a function)."""
-    while (previous := _step_back(graph, node, through)) is not None:
+def _branch_ends(
+    graph: fx.GraphModule, node: fx.Node, through: str = 'values'
+) -> List[Tuple[fx.Node, Optional[nn.Module]]]:
+    """Walk back from ``node`` (`_step_back`) to the nodes that compute its values, with their modules (None for a
+    function): one, or one per part where the branch is a concatenation (or a leading channel slice of one) of
+    parts, as GhostNet's is."""
+    while True:
+        previous = _step_back(graph, node, through) or (_channel_head(node) if through == 'values' else None)
+        if previous is None:
+            break
         node = previous
-    return node, graph.get_submodule(node.target) if node.op == 'call_module' else None
+    if through == 'values' and _target(node) == torch.cat and _cat_dim(node) == 1:
+        return [end for part in node.args[0] for end in _branch_ends(graph, part, through)]
+    return [(node, graph.get_submodule(node.target) if node.op == 'call_module' else None)]
 
 
-def _depths(graph: fx.Graph) -> Dict[fx.Node, int]:
-    """The longest path from the input to each node: of a residual add's operands, the branch is the deeper one."""
-    depth = {}
-    for node in graph.nodes:
-        depth[node] = 1 + max((depth[a] for a in node.all_input_nodes), default=-1)
-    return depth
+def _channel_head(node: fx.Node) -> Optional[fx.Node]:
+    """The tensor whose leading channels ``node`` is (``x[:, :C]``, as RexNet's and GhostNet's blocks take them)."""
+    if _target(node) != operator.getitem or not isinstance(node.args[1], tuple) or len(node.args[1]) < 2:
+        return None
+    batch, channels, *rest = node.args[1]
+    full = slice(None)
+    if batch != full or not isinstance(channels, slice) or channels.start not in (None, 0) or channels.step is not None:
+        return None
+    return node.args[0] if all(r in (full, Ellipsis) for r in rest) else None
+
+
+def _cat_dim(node: fx.Node) -> int:
+    return node.kwargs.get('dim', node.args[1] if len(node.args) > 1 else 0)
+
+
+class _Sums:
+    """The sums of a traced network told apart: a residual add is a block's shortcut plus its branch, where the
+    shortcut is the point the two fork from (the block's input) or a projection of it (convolutions, norms, pooling
+    in a chain: a downsample) and the branch holds more convolutions than the shortcut. Sums of parallel branches of
+    one input (MobileOne's and RepVGG's train-time blocks: several one-conv branches, or a chain of sums from one fork)
+    are not residual blocks; nor are sums whose operands do not fork as a block's do (Res2Net's hierarchical split
+    sums, HRNet's multi-resolution fusion)."""
+
+    def __init__(self, graph: fx.GraphModule):
+        self.graph = graph
+        nodes = list(graph.graph.nodes)
+        self.bit = {node: 1 << i for i, node in enumerate(nodes)}
+        self.up, self.down = {}, {}
+        for node in nodes:  # ancestors and descendants, the node included, as bit sets
+            self.up[node] = self.bit[node] | _union(self.up[a] for a in node.all_input_nodes)
+        for node in reversed(nodes):
+            self.down[node] = self.bit[node] | _union(self.down[u] for u in node.users)
+        self.weight_layers = _union(self.bit[n] for n in nodes if self._is_weight_layer(n))
+        sums = [n for n in nodes if _target(n) in _ADDS and len(_full_operands(n)) == 2]
+        split = {n: self._split(n) for n in sums}  # sum -> (fork, branch, residual or parallel)
+        split = {n: found for n, found in split.items() if found is not None}
+        parallel = {n for n, (_, _, residual) in split.items() if not residual}
+        # a chain of sums from one fork is one sum of parallel branches (RepVGG: 1x1 + kxk, then + the identity norm)
+        for a in split:
+            for b in split:
+                if a is not b and split[a][0] is split[b][0] and self.up[b] & self.bit[a]:
+                    parallel |= {a, b}
+        self.parallel = parallel
+        self.residual = {n: (fork, branch) for n, (fork, branch, _) in split.items() if n not in parallel}
+
+    def _split(self, node: fx.Node) -> Optional[Tuple[fx.Node, fx.Node, bool]]:
+        """The sum ``node``'s fork, its branch operand and whether the branch holds more convolutions than the
+        shortcut (a residual add) or not (parallel branches); None where no operand is a projection of the fork."""
+        found = []
+        for shortcut, branch in itertools.permutations(_full_operands(node)):
+            fork, layers = self._projection(shortcut, branch)
+            if fork is not None:
+                found.append((layers, fork, branch))
+        if not found:
+            return None
+        layers, fork, branch = min(found, key=lambda f: f[0])
+        branch_layers = bin(self.weight_layers & self.up[branch] & self.down[fork] & ~self.bit[fork]).count('1')
+        return fork, branch, branch_layers > layers
+
+    def _projection(self, node: fx.Node, other: fx.Node) -> Tuple[Optional[fx.Node], int]:
+        """Where ``node`` forks from ``other``'s computation, if ``node`` is that point or a projection of it, and the
+        convolutions on the way; (None, 0) where it is neither."""
+        layers = 0
+        while not self.up[other] & self.bit[node]:
+            inputs = [a for a in node.all_input_nodes if a.op != 'get_attr']
+            if len(inputs) != 1 or not self._projects(node):
+                return None, 0
+            layers += self._is_weight_layer(node)
+            node = inputs[0]
+        return node, layers
+
+    def _projects(self, node: fx.Node) -> bool:
+        if node.op == 'call_module':
+            module = self.graph.get_submodule(node.target)
+            kind = type(module).__module__
+            return isinstance(module, _PROJECTIONS) or kind.startswith(_IDENTITY_MODULES + _VALUE_MODULES)
+        return _target(node) in _UNARY | _WEIGHT_LAYERS | _POOLS
+
+    def _is_weight_layer(self, node: fx.Node) -> bool:
+        if node.op == 'call_module':
+            return isinstance(self.graph.get_submodule(node.target), (nn.modules.conv._ConvNd, nn.Linear))
+        return _target(node) in _WEIGHT_LAYERS
+
+
+def _union(masks) -> int:
+    out = 0
+    for mask in masks:
+        out |= mask
+    return out
 
 
 def _find_sites(model: nn.Module, img_size, blocks_without_skip: bool) -> Tuple[Dict[str, torch.Size], Counter]:
     """The norms that end a residual branch (and, with ``blocks_without_skip``, a block without a skip), each with
-    its output shape, in module order; and what the other residual branches end in."""
+    its output shape, in module order; and what the other residual branches end in, and the sums of parallel
+    branches, counted."""
     graph = _shaped_graph(model, img_size)
-    depth = _depths(graph.graph)
+    sums = _Sums(graph)
     ends, others = [], Counter()
-    for node in graph.graph.nodes:
-        if _target(node) in _ADDS and len(full := _full_operands(node)) == 2 and depth[full[0]] != depth[full[1]]:
-            ends.append(_branch_end(graph, max(full, key=depth.get)))
+    for _, branch in sums.residual.values():
+        ends += _branch_ends(graph, branch)
+    if sums.parallel:
+        others[_PARALLEL] = len(sums.parallel)
     for block in [n for n, m in model.named_modules() if blocks_without_skip and getattr(m, 'has_skip', 1) is False]:
         inside = [n for n in graph.graph.nodes if block in n.meta.get('nn_module_stack', {})]
-        node, norm = _branch_end(graph, inside[-1], through='identity') if inside else (None, None)
+        node, norm = _branch_ends(graph, inside[-1], through='identity')[0] if inside else (None, None)
         if isinstance(norm, _BatchNorm) and isinstance(getattr(norm, 'act', None), (nn.Identity, type(None))):
             ends.append((node, norm))  # a linear norm ends it, as it ends an inverted residual
     sites = {}
@@ -158,6 +261,30 @@ def _find_sites(model: nn.Module, img_size, blocks_without_skip: bool) -> Tuple[
             others[_what(node, module)] += 1
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     return dict(sorted(sites.items(), key=lambda site: order[site[0]])), others
+
+
+_FOUND: 'OrderedDict[tuple, Tuple[Dict[str, torch.Size], Counter]]' = OrderedDict()
+
+
+def _cached_find_sites(model: nn.Module, img_size, blocks_without_skip: bool):
+    """`_find_sites`, once per network structure in a process: networks with the same modules (names, classes, their
+    printed and plain attributes) have the same graph, so a model built again (timm's scripts, tests, every
+    registered model of one family) is not traced and run again."""
+    key = (to_2tuple(img_size), blocks_without_skip, *map(_structure, model.named_modules()))
+    if key not in _FOUND:
+        _FOUND[key] = _find_sites(model, img_size, blocks_without_skip)
+        if len(_FOUND) > 64:
+            _FOUND.popitem(last=False)
+    sites, others = _FOUND[key]
+    return dict(sites), Counter(others)
+
+
+def _structure(named: Tuple[str, nn.Module]) -> tuple:
+    name, module = named
+    plain = tuple(
+        (k, v) for k, v in vars(module).items() if k != 'training' and isinstance(v, (bool, int, float, str, tuple))
+    )
+    return name, type(module), module.extra_repr(), plain
 
 
 def _what(node: fx.Node, module: Optional[nn.Module]) -> str:
@@ -171,11 +298,18 @@ def _what(node: fx.Node, module: Optional[nn.Module]) -> str:
 def _refusal(model: nn.Module, others: Counter) -> str:
     if not any(isinstance(m, _BatchNorm) for m in model.modules()):
         return "it has no batch norm (NAM gates a batch norm's output with that norm's statistics)"
+    parallel = others.pop(_PARALLEL, 0)
+    if parallel and not others:
+        return (
+            f'its sums (×{parallel}) add parallel branches of one input, as the train-time blocks of MobileOne and '
+            'RepVGG do, not a residual branch to its shortcut; NAM gates residual branches only'
+        )
     if not others:
         return 'it has no residual add (NAM gates the branch of a residual block, before the add)'
     found = ', '.join(f'{t} ×{n}' for t, n in others.most_common())
     kind = ' (pre-activation blocks)' if set(others) <= {'Conv2d', 'Conv2dSame'} else ''
-    return f'none of its residual branches ends in a batch norm; they end in {found}{kind}'
+    also = f'; its other sums (×{parallel}) add parallel branches' if parallel else ''
+    return f'none of its residual branches ends in a batch norm; they end in {found}{kind}{also}'
 
 
 def nam_sites(model: nn.Module, blocks_without_skip: bool = False, img_size=None) -> List[str]:
@@ -194,7 +328,7 @@ def _sites(model: nn.Module, blocks_without_skip: bool, img_size) -> Dict[str, t
     sizes = [img_size] if img_size is not None else [own] if cfg.get('fixed_input_size') else [(64, 64), own]
     for size in sizes:
         try:
-            sites, others = _find_sites(model, size, blocks_without_skip)
+            sites, others = _cached_find_sites(model, size, blocks_without_skip)
             break
         except NAMPlacementError as e:
             error = e

@@ -26,10 +26,10 @@ _build = partial(build_nam_model, feature_cfg=dict(flatten_sequential=True))
 @register_model
 def efficientnet_b0_nam(pretrained: bool = False, **kwargs) -> EfficientNet:
     """EfficientNet-B0 (with its SE) + channel NAM at every block end."""
-    return _build('efficientnet_b0_nam', pretrained, 'efficientnet_b0', block_attn='nam', **kwargs)
+    return _build('efficientnet_b0_nam', pretrained, 'efficientnet_b0', dict(block_attn='nam'), **kwargs)
 
 
 @register_model
 def efficientnet_lite0_nam(pretrained: bool = False, **kwargs) -> EfficientNet:
     """EfficientNet-Lite0 + channel NAM at every block end."""
-    return _build('efficientnet_lite0_nam', pretrained, 'efficientnet_lite0', block_attn='nam', **kwargs)
+    return _build('efficientnet_lite0_nam', pretrained, 'efficientnet_lite0', dict(block_attn='nam'), **kwargs)

@@ -41,62 +41,62 @@ _build = partial(build_nam_model, feature_cfg=dict(flatten_sequential=True))
 @register_model
 def mobilenetv2_nam(pretrained: bool = False, **kwargs) -> EfficientNet:
     """MobileNetV2 (width 1.0) + channel NAM at every block end (same as mobilenetv2_100_nam)."""
-    return _build('mobilenetv2_nam', pretrained, 'mobilenetv2_100', block_attn='nam', **kwargs)
+    return _build('mobilenetv2_nam', pretrained, 'mobilenetv2_100', dict(block_attn='nam'), **kwargs)
 
 
 @register_model
 def mobilenetv2_100_nam(pretrained: bool = False, **kwargs) -> EfficientNet:
     """MobileNetV2 (width 1.0) + channel NAM at every block end (the paper's Table 2 parameter count)."""
-    return _build('mobilenetv2_100_nam', pretrained, 'mobilenetv2_100', block_attn='nam', **kwargs)
+    return _build('mobilenetv2_100_nam', pretrained, 'mobilenetv2_100', dict(block_attn='nam'), **kwargs)
 
 
 @register_model
 def mobilenetv2_140_nam(pretrained: bool = False, **kwargs) -> EfficientNet:
     """MobileNetV2 (width 1.4) + channel NAM at every block end."""
-    return _build('mobilenetv2_140_nam', pretrained, 'mobilenetv2_140', block_attn='nam', **kwargs)
+    return _build('mobilenetv2_140_nam', pretrained, 'mobilenetv2_140', dict(block_attn='nam'), **kwargs)
 
 
 @register_model
 def mobilenetv2_050_nam(pretrained: bool = False, **kwargs) -> EfficientNet:
     """MobileNetV2 (width 0.5) + channel NAM at every block end."""
-    return _build('mobilenetv2_050_nam', pretrained, 'mobilenetv2_050', block_attn='nam', **kwargs)
+    return _build('mobilenetv2_050_nam', pretrained, 'mobilenetv2_050', dict(block_attn='nam'), **kwargs)
 
 
 @register_model
 def mobilenetv2_100_nam_chsp(pretrained: bool = False, **kwargs) -> EfficientNet:
     """MobileNetV2 (width 1.0) + channel then spatial NAM at every block end (the paper's text); fixed input size."""
-    return _build('mobilenetv2_100_nam_chsp', pretrained, 'mobilenetv2_100', block_attn='nam_chsp', **kwargs)
+    return _build('mobilenetv2_100_nam_chsp', pretrained, 'mobilenetv2_100', dict(block_attn='nam_chsp'), **kwargs)
 
 
 @register_model
 def mobilenetv2_140_nam_chsp(pretrained: bool = False, **kwargs) -> EfficientNet:
     """MobileNetV2 (width 1.4) + channel then spatial NAM at every block end; fixed input size."""
-    return _build('mobilenetv2_140_nam_chsp', pretrained, 'mobilenetv2_140', block_attn='nam_chsp', **kwargs)
+    return _build('mobilenetv2_140_nam_chsp', pretrained, 'mobilenetv2_140', dict(block_attn='nam_chsp'), **kwargs)
 
 
 @register_model
 def mobilenetv2_050_nam_chsp(pretrained: bool = False, **kwargs) -> EfficientNet:
     """MobileNetV2 (width 0.5) + channel then spatial NAM at every block end; fixed input size."""
-    return _build('mobilenetv2_050_nam_chsp', pretrained, 'mobilenetv2_050', block_attn='nam_chsp', **kwargs)
+    return _build('mobilenetv2_050_nam_chsp', pretrained, 'mobilenetv2_050', dict(block_attn='nam_chsp'), **kwargs)
 
 
 @register_model
 def mobilenetv2_100_se(pretrained: bool = False, **kwargs) -> EfficientNet:
     """MobileNetV2 + SE (r=16, bias-free) at every block end (paper Table 2 baseline)."""
-    return _build('mobilenetv2_100_se', pretrained, 'mobilenetv2_100', block_attn='se', **kwargs)
+    return _build('mobilenetv2_100_se', pretrained, 'mobilenetv2_100', dict(block_attn='se'), **kwargs)
 
 
 @register_model
 def mobilenetv2_100_cbam(pretrained: bool = False, **kwargs) -> EfficientNet:
     """MobileNetV2 + CBAM (r=16, k=7) at every block end (paper Table 2 baseline)."""
-    return _build('mobilenetv2_100_cbam', pretrained, 'mobilenetv2_100', block_attn='cbam', **kwargs)
+    return _build('mobilenetv2_100_cbam', pretrained, 'mobilenetv2_100', dict(block_attn='cbam'), **kwargs)
 
 
 @register_model
 def mobilenetv2_100_bam(pretrained: bool = False, **kwargs) -> EfficientNet:
     """MobileNetV2 + BAM after each of the 7 stages (paper Table 2 baseline)."""
     stages = [f'blocks.{i}' for i in range(7)]
-    return _build('mobilenetv2_100_bam', pretrained, 'mobilenetv2_100', stage_attn='bam', stages=stages, **kwargs)
+    return _build('mobilenetv2_100_bam', pretrained, 'mobilenetv2_100', dict(stage_attn='bam', stages=stages), **kwargs)
 
 
 register_model_deprecations(__name__, {'mobilenetv2_100_nam_ch': 'mobilenetv2_100_nam'})

@@ -24,10 +24,10 @@ default_cfgs = generate_default_cfgs(
 @register_model
 def regnety_008_nam(pretrained: bool = False, **kwargs) -> RegNet:
     """RegNetY-800MF + channel NAM in every block."""
-    return build_nam_model('regnety_008_nam', pretrained, 'regnety_008', block_attn='nam', **kwargs)
+    return build_nam_model('regnety_008_nam', pretrained, 'regnety_008', dict(block_attn='nam'), **kwargs)
 
 
 @register_model
 def regnety_016_nam(pretrained: bool = False, **kwargs) -> RegNet:
     """RegNetY-1.6GF + channel NAM in every block."""
-    return build_nam_model('regnety_016_nam', pretrained, 'regnety_016', block_attn='nam', **kwargs)
+    return build_nam_model('regnety_016_nam', pretrained, 'regnety_016', dict(block_attn='nam'), **kwargs)

@@ -69,113 +69,117 @@ _CIFAR = dict(adapt=_cifar_stem, zero_init_last=False, stages=('layer1', 'layer2
 @register_model
 def resnet18_nam(pretrained: bool = False, **kwargs) -> ResNet:
     """ResNet-18 with channel NAM after bn2 of every BasicBlock."""
-    return build_nam_model('resnet18_nam', pretrained, 'resnet18', block_attn='nam', **kwargs)
+    return build_nam_model('resnet18_nam', pretrained, 'resnet18', dict(block_attn='nam'), **kwargs)
 
 
 @register_model
 def resnet18_nam_sp(pretrained: bool = False, **kwargs) -> ResNet:
     """ResNet-18 with spatial (pixel) NAM after bn2 of every BasicBlock; built for one input size."""
-    return build_nam_model('resnet18_nam_sp', pretrained, 'resnet18', block_attn='nam_sp', **kwargs)
+    return build_nam_model('resnet18_nam_sp', pretrained, 'resnet18', dict(block_attn='nam_sp'), **kwargs)
 
 
 @register_model
 def resnet18_se(pretrained: bool = False, **kwargs) -> ResNet:
     """ResNet-18 + SE (r=16, bias-free) in every block: the NAM comparison's baseline, as in Table 1."""
-    return build_nam_model('resnet18_se', pretrained, 'resnet18', **_slot('se'), **kwargs)
+    return build_nam_model('resnet18_se', pretrained, 'resnet18', _slot('se'), **kwargs)
 
 
 @register_model
 def resnet18_cbam(pretrained: bool = False, **kwargs) -> ResNet:
     """ResNet-18 + CBAM (r=16, k=7) in every block: the NAM comparison's baseline, as in Table 1."""
-    return build_nam_model('resnet18_cbam', pretrained, 'resnet18', **_slot('cbam'), **kwargs)
+    return build_nam_model('resnet18_cbam', pretrained, 'resnet18', _slot('cbam'), **kwargs)
 
 
 @register_model
 def resnet18_simam(pretrained: bool = False, **kwargs) -> ResNet:
     """ResNet-18 + SimAM (parameter-free) after bn2 of every BasicBlock, where NAM sits: NAM's closest peer."""
-    return build_nam_model('resnet18_simam', pretrained, 'resnet18', **_slot('simam'), **kwargs)
+    return build_nam_model('resnet18_simam', pretrained, 'resnet18', _slot('simam'), **kwargs)
 
 
 @register_model
 def resnet18_half(pretrained: bool = False, **kwargs) -> ResNet:
     """ResNet-18 whose residual branch is multiplied by 0.5 after bn2, where NAM sits (no parameters, no gate): the
     control for NAM, whose gates start at 0.5 and stay near it."""
-    return build_nam_model('resnet18_half', pretrained, 'resnet18', **_slot('half'), **kwargs)
+    return build_nam_model('resnet18_half', pretrained, 'resnet18', _slot('half'), **kwargs)
 
 
 @register_model
 def resnet34_nam(pretrained: bool = False, **kwargs) -> ResNet:
     """ResNet-34 with channel NAM after bn2 of every BasicBlock."""
-    return build_nam_model('resnet34_nam', pretrained, 'resnet34', block_attn='nam', **kwargs)
+    return build_nam_model('resnet34_nam', pretrained, 'resnet34', dict(block_attn='nam'), **kwargs)
 
 
 @register_model
 def resnet50_nam(pretrained: bool = False, **kwargs) -> ResNet:
     """ResNet-50 with channel NAM after bn3 of every Bottleneck (the paper's best ResNet setting)."""
-    return build_nam_model('resnet50_nam', pretrained, 'resnet50', block_attn='nam', **kwargs)
+    return build_nam_model('resnet50_nam', pretrained, 'resnet50', dict(block_attn='nam'), **kwargs)
 
 
 @register_model
 def resnet101_nam(pretrained: bool = False, **kwargs) -> ResNet:
     """ResNet-101 with channel NAM after bn3 of every Bottleneck."""
-    return build_nam_model('resnet101_nam', pretrained, 'resnet101', block_attn='nam', **kwargs)
+    return build_nam_model('resnet101_nam', pretrained, 'resnet101', dict(block_attn='nam'), **kwargs)
 
 
 @register_model
 def resnet50_nam_sp(pretrained: bool = False, **kwargs) -> ResNet:
     """ResNet-50 with spatial (pixel) NAM only in every block; built for one input size."""
-    return build_nam_model('resnet50_nam_sp', pretrained, 'resnet50', block_attn='nam_sp', **kwargs)
+    return build_nam_model('resnet50_nam_sp', pretrained, 'resnet50', dict(block_attn='nam_sp'), **kwargs)
 
 
 @register_model
 def resnet50_nam_chsp(pretrained: bool = False, **kwargs) -> ResNet:
     """ResNet-50 with channel then spatial NAM in every block; built for one input size."""
-    return build_nam_model('resnet50_nam_chsp', pretrained, 'resnet50', block_attn='nam_chsp', **kwargs)
+    return build_nam_model('resnet50_nam_chsp', pretrained, 'resnet50', dict(block_attn='nam_chsp'), **kwargs)
 
 
 @register_model
 def resnet50_cifar(pretrained: bool = False, **kwargs) -> ResNet:
     """CIFAR ResNet-50 (paper Table 1 baseline)."""
-    return build_nam_model('resnet50_cifar', pretrained, 'resnet50', **_CIFAR, **kwargs)
+    return build_nam_model('resnet50_cifar', pretrained, 'resnet50', _CIFAR, **kwargs)
 
 
 @register_model
 def resnet50_cifar_se(pretrained: bool = False, **kwargs) -> ResNet:
     """CIFAR ResNet-50 + SE (r=16, bias-free) in every block (paper Table 1)."""
-    return build_nam_model('resnet50_cifar_se', pretrained, 'resnet50', **_slot('se'), **_CIFAR, **kwargs)
+    return build_nam_model('resnet50_cifar_se', pretrained, 'resnet50', dict(**_slot('se'), **_CIFAR), **kwargs)
 
 
 @register_model
 def resnet50_cifar_cbam(pretrained: bool = False, **kwargs) -> ResNet:
     """CIFAR ResNet-50 + CBAM (r=16, k=7) in every block (paper Table 1)."""
-    return build_nam_model('resnet50_cifar_cbam', pretrained, 'resnet50', **_slot('cbam'), **_CIFAR, **kwargs)
+    return build_nam_model('resnet50_cifar_cbam', pretrained, 'resnet50', dict(**_slot('cbam'), **_CIFAR), **kwargs)
 
 
 @register_model
 def resnet50_cifar_bam(pretrained: bool = False, **kwargs) -> ResNet:
     """CIFAR ResNet-50 + BAM after layer1, layer2 and layer3 (paper Table 1)."""
-    return build_nam_model('resnet50_cifar_bam', pretrained, 'resnet50', **_CIFAR, stage_attn='bam', **kwargs)
+    return build_nam_model('resnet50_cifar_bam', pretrained, 'resnet50', dict(**_CIFAR, stage_attn='bam'), **kwargs)
 
 
 @register_model
 def resnet50_cifar_tam(pretrained: bool = False, **kwargs) -> ResNet:
     """CIFAR ResNet-50 + triplet attention (k=7) in every block (paper Table 1)."""
-    return build_nam_model('resnet50_cifar_tam', pretrained, 'resnet50', **_slot('tam'), **_CIFAR, **kwargs)
+    return build_nam_model('resnet50_cifar_tam', pretrained, 'resnet50', dict(**_slot('tam'), **_CIFAR), **kwargs)
 
 
 @register_model
 def resnet50_cifar_nam(pretrained: bool = False, **kwargs) -> ResNet:
     """CIFAR ResNet-50 + channel NAM in every block (paper Table 1, NAM(ch))."""
-    return build_nam_model('resnet50_cifar_nam', pretrained, 'resnet50', block_attn='nam', **_CIFAR, **kwargs)
+    return build_nam_model('resnet50_cifar_nam', pretrained, 'resnet50', dict(block_attn='nam', **_CIFAR), **kwargs)
 
 
 @register_model
 def resnet50_cifar_nam_sp(pretrained: bool = False, **kwargs) -> ResNet:
     """CIFAR ResNet-50 + spatial NAM in every block (paper Table 1, NAM(sp)); 32x32 only."""
-    return build_nam_model('resnet50_cifar_nam_sp', pretrained, 'resnet50', block_attn='nam_sp', **_CIFAR, **kwargs)
+    return build_nam_model(
+        'resnet50_cifar_nam_sp', pretrained, 'resnet50', dict(block_attn='nam_sp', **_CIFAR), **kwargs
+    )
 
 
 @register_model
 def resnet50_cifar_nam_chsp(pretrained: bool = False, **kwargs) -> ResNet:
     """CIFAR ResNet-50 + channel then spatial NAM in every block; 32x32 only."""
-    return build_nam_model('resnet50_cifar_nam_chsp', pretrained, 'resnet50', block_attn='nam_chsp', **_CIFAR, **kwargs)
+    return build_nam_model(
+        'resnet50_cifar_nam_chsp', pretrained, 'resnet50', dict(block_attn='nam_chsp', **_CIFAR), **kwargs
+    )
