@@ -50,11 +50,11 @@ ARMS = {
     'nam_p0': {},
     'half': dict(kind='half'),
 }
-# regime -> training images per class (None: all), epochs, epochs between evaluations
+# regime -> training images per class (None: all), epochs, epochs between evaluations (lengths: results/transfer/)
 REGIMES = {
-    'full': dict(per_class=None, epochs=2, val_interval=1),
-    'k50': dict(per_class=50, epochs=20, val_interval=20),
     'k10': dict(per_class=10, epochs=50, val_interval=50),
+    'k50': dict(per_class=50, epochs=30, val_interval=30),
+    'full': dict(per_class=None, epochs=3, val_interval=3),
 }
 DEFAULT_SKIP = {('nam_p0', 'full')}  # the penalty's share is measured where data is scarce
 RECIPE = '--img-size 96 -b 32 --lr 0.01 --weight-decay 4e-5 --sched cosine --warmup-epochs 0 --smoothing 0.1'
@@ -134,8 +134,8 @@ def regime_recipe(regime: str, recipe: str, epochs=None, val_interval=None) -> s
 def plan(args) -> list:
     done = done_keys(args.csv)
     todo = []
-    for seed in args.seeds:  # every cell gets its seeds in turn: a partial study is balanced
-        for regime in args.regimes:
+    for regime in args.regimes:  # the cheap regimes first, each cell's seeds in turn
+        for seed in args.seeds:
             for backbone in args.backbones:
                 for arm in args.arms:
                     if args.arms == list(ARMS) and (arm, regime) in DEFAULT_SKIP:
