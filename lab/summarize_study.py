@@ -98,11 +98,26 @@ def speed_cell(rows) -> str:
 def paired_pvalue(rows_a, rows_b) -> str:
     """Paired t-test over the seeds both models ran: a seed fixes the data order and the initialization up to the
     first module that differs, and at this scale it moves every model together, so pairing removes that share."""
-    top1_b = {r['seed']: float(r['top1']) for r in rows_b}
-    pairs = [(float(r['top1']), top1_b[r['seed']]) for r in rows_a if r['seed'] in top1_b]
-    if len(pairs) < 2:
-        return 'n/a'
-    return f'{stats.ttest_rel(*zip(*pairs)).pvalue:.3f}'
+    p = compare_top1(rows_a, rows_b)['p_paired']
+    return 'n/a' if p is None else f'{p:.3f}'
+
+
+def compare_top1(rows, other_rows) -> dict:
+    """Mean final top-1 of ``rows`` minus that of ``other_rows``: the difference, Welch's 95 % CI and p-value, and the
+    paired t-test's p-value over the seeds both ran (None where too few seeds)."""
+    a, b = [float(r['top1']) for r in rows], [float(r['top1']) for r in other_rows]
+    out = dict(
+        diff=statistics.mean(a) - statistics.mean(b), lo=None, hi=None, p=None, p_paired=None, n=(len(a), len(b))
+    )
+    if min(len(a), len(b)) >= 2:
+        res = stats.ttest_ind(a, b, equal_var=False)
+        ci = res.confidence_interval(0.95)
+        out.update(lo=ci.low, hi=ci.high, p=float(res.pvalue))
+    top1_b = {r['seed']: float(r['top1']) for r in other_rows}
+    pairs = [(float(r['top1']), top1_b[r['seed']]) for r in rows if r['seed'] in top1_b]
+    if len(pairs) >= 2:
+        out['p_paired'] = float(stats.ttest_rel(*zip(*pairs)).pvalue)
+    return out
 
 
 def is_control(model: str) -> bool:
@@ -117,16 +132,12 @@ COMPARISON_HEADER = (
 
 
 def comparison_line(label: str, model: str, rows, other: str, other_rows) -> str:
-    a, b = [float(r['top1']) for r in rows], [float(r['top1']) for r in other_rows]
-    diff = statistics.mean(a) - statistics.mean(b)
-    if min(len(a), len(b)) < 2:
-        ci, pval = 'n/a', 'n/a'
-    else:
-        res = stats.ttest_ind(a, b, equal_var=False)
-        lo, hi = res.confidence_interval(0.95)
-        ci, pval = f'[{lo:+.2f}, {hi:+.2f}]', f'{res.pvalue:.3f}'
-    paired = paired_pvalue(rows, other_rows)
-    return f'| {label} | `{model}` | `{other}` | {diff:+.2f} | {ci} | {pval} | {paired} | {len(a)} vs {len(b)} |'
+    c = compare_top1(rows, other_rows)
+    ci = 'n/a' if c['lo'] is None else f'[{c["lo"]:+.2f}, {c["hi"]:+.2f}]'
+    pval = 'n/a' if c['p'] is None else f'{c["p"]:.3f}'
+    paired = 'n/a' if c['p_paired'] is None else f'{c["p_paired"]:.3f}'
+    seeds = f'{c["n"][0]} vs {c["n"][1]}'
+    return f'| {label} | `{model}` | `{other}` | {c["diff"]:+.2f} | {ci} | {pval} | {paired} | {seeds} |'
 
 
 def comparison_lines(groups) -> list:
