@@ -185,6 +185,7 @@ def test_any_backbone_with_nam_trains_validates_and_exports(data_dir, tmp_path):
     import json
 
     import timm
+    from huggingface_hub import ModelCard
     from safetensors.torch import save_file
     from timm.models import load_checkpoint
 
@@ -222,3 +223,13 @@ def test_any_backbone_with_nam_trains_validates_and_exports(data_dir, tmp_path):
     assert config['pretrained_cfg']['hf_hub_id'] == 'timm-nam/regnety_002_nam.tiny'
     loaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
     torch.testing.assert_close(loaded(x), create_model_from_run(read_run(run))(x), rtol=0, atol=1e-6)
+    # the accuracy its card states, on the photos train.py scored it on, with the export's own data config
+    card = ModelCard.load(out / 'README.md')
+    stated = next(r.metric_value for r in card.data.eval_results if r.metric_name == 'top-1 accuracy')
+    assert stated == pytest.approx(read_run(run).summary[-1]['eval_top1'], abs=0.01)
+    config = timm.data.resolve_data_config({}, model=loaded)
+    dataset = timm.data.create_dataset('', root=str(data_dir), split='validation')
+    loader = timm.data.create_loader(dataset, batch_size=8, use_prefetcher=False, **config)
+    with torch.no_grad():
+        correct = sum((loaded(images).argmax(1) == labels).sum().item() for images, labels in loader)
+    assert 100 * correct / len(dataset) == pytest.approx(stated, abs=0.01)
