@@ -1,27 +1,12 @@
-"""From plain timm weights to NAM: pretrained NAM networks without NAM training, near-exact at every layer width.
+"""From plain timm weights to NAM: pretrained NAM networks without NAM training.
 
-A fresh NAM gate is ``sigmoid(w·BN(x))``. In eval mode, with scale γ = s, shift 0 and the running statistics of the
-tensor it gates, it is ``sigmoid(k·x̂) = 0.5 + k·x̂/4 + O(k³)``, ``x̂`` that tensor standardized and ``k = w·s`` the
-gate's slope: ``s/n`` with the paper's weighting ``|γ|/Σ|γ|`` over n channels (or pixels), ``s`` with
-``weighting='mean'``. A NAM network is therefore its plain network with each gated tensor halved. Loading plain
-weights, the conversion
-
-* doubles the affine (γ, β) of every norm NAM gates (×4 where a channel and a spatial gate follow each other), so
-  that ``2x·gate = x·(1 + k·x̂/2 + ...)``;
-* sets each gate's running statistics to those of the tensor it gates, which follow from the plain norm's state: mean
-  ``2β``, variance ``4γ²·v/(v + ε)`` per channel (``v`` its running variance); per pixel (spatial gates), the mean and
-  variance over channels of those, so that ``x̂`` is standardized and what remains is the ``k·x̂/2`` term;
-* starts each gate at ``s = min(SCALE_INIT, GATE_SLOPE / w)`` (`start_scale`): 0.5, lowered where the slope would
-  exceed 1/256 — layers narrower than 128 channels with the paper's weighting, and every gate with the mean one.
-
-Why the bound: the error is each gate's slope times what the network makes of it, so with one s for every gate a
-16-channel layer counts 16 times a 256-channel one. On trained ImageNet weights (EfficientNet-Lite0) and 500 real
-photos the narrow blocks carried nearly all of it: s = 0.5 everywhere moved the logits by 1.7e-2 (every block gated:
-6.2e-2); the bound brings that to 5.4e-3 (1.5e-2) with every prediction alike, and makes the mean weighting, whose
-gates are far from constant at s = 0.5 (0.61), as convertible (6.4e-3). A small start does not slow what a gate
-learns: the gradient reaching γ through its norm is ``w·x̂·(...)``, the same at any s; it only lets the penalty, which
-pulls every scale toward 0 by the same amount per step, reach 0 sooner. A one-epoch fine-tune with the paper's penalty
-moved every gate off its start, in either weighting. Measured in ``results/pretrained_conversion/``.
+A fresh NAM gate with scale s, shift 0 and the running statistics of the tensor it gates is, in eval mode,
+``sigmoid(k·x̂) = 0.5 + k·x̂/4 + O(k³)`` (``x̂`` that tensor standardized, ``k = w·s`` the gate's slope), so a NAM
+network is its plain network with each gated tensor halved. Loading plain weights, the conversion doubles the affine of
+every norm NAM gates (once per gate that follows it), gives each gate the running statistics of the tensor it gates
+(from that norm's state; per pixel, pooled over channels), and starts each gate at ``s = min(SCALE_INIT, GATE_SLOPE /
+w)`` (`start_scale`), which bounds every gate's slope. What remains is each gate's first-order term; how large it is
+on real and random weights: results/pretrained_conversion/.
 """
 
 import math
