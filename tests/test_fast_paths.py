@@ -13,7 +13,7 @@ from timm.layers import BatchNormAct2d, set_layer_config
 from timm.utils import reparameterize_model
 
 from tests.helpers import randomize_bn
-from timm_nam import NAM, NAMChannel, NAMGate, NAMSpatial
+from timm_nam import NAMChannel, NAMChannelSpatial, NAMGate, NAMSpatial
 from timm_nam.layers import NormNAM, NormNAMMe, norm_nam
 from timm_nam.models import nam_sites
 
@@ -181,7 +181,8 @@ def test_training_with_grad_checkpointing_gives_the_same_gradients(name, reentra
 
 
 @pytest.mark.parametrize(
-    'make', [lambda: NAMChannel(6), lambda: NAMSpatial(6, feat_size=(4, 5)), lambda: NAM(6, feat_size=(4, 5))]
+    'make',
+    [lambda: NAMChannel(6), lambda: NAMSpatial(6, feat_size=(4, 5)), lambda: NAMChannelSpatial(6, feat_size=(4, 5))],
 )
 def test_fuse_equals_eval_float64(make):
     layer = make().double()
@@ -229,7 +230,7 @@ def test_reparameterize_model_folds_every_gate(name):
     x = torch.randn(2, *size)
     expected = model(x)
     fused = reparameterize_model(model)
-    assert not any(isinstance(m, (NAMChannel, NAMSpatial, NAM)) for m in fused.modules())
+    assert not any(isinstance(m, (NAMChannel, NAMSpatial, NAMChannelSpatial)) for m in fused.modules())
     assert any(isinstance(m, NAMGate) for m in fused.modules())
     torch.testing.assert_close(fused(x), expected, atol=1e-5, rtol=1e-5)
     reparameterize_model(model, inplace=True)

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from tests.helpers import channel_reference, randomize_bn, spatial_reference
-from timm_nam import BAM, NAM, NAMChannel, NAMSpatial, TripletAttention, nam_weights
+from timm_nam import BAM, NAMChannel, NAMChannelSpatial, NAMSpatial, TripletAttention, nam_weights
 
 
 @pytest.mark.parametrize('weighting', ['sum', 'mean'])
@@ -50,7 +50,7 @@ def test_spatial_matches_formula_float64(training, weighting):
 
 
 def test_combined_is_channel_then_spatial():
-    layer = NAM(8, feat_size=6).double().eval()
+    layer = NAMChannelSpatial(8, feat_size=6).double().eval()
     randomize_bn(layer.channel.bn)
     randomize_bn(layer.spatial.bn)
     x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
@@ -113,7 +113,9 @@ def test_initial_gate_is_about_half():
     assert ((gate > 0.22) & (gate < 0.78)).all() and abs(float(gate.mean()) - 0.5) < 0.02  # |x̂| < 5: σ(±1.25)
 
 
-@pytest.mark.parametrize('make', [lambda: NAMChannel(5), lambda: NAMSpatial(5, feat_size=3), lambda: NAM(5, 3)])
+@pytest.mark.parametrize(
+    'make', [lambda: NAMChannel(5), lambda: NAMSpatial(5, feat_size=3), lambda: NAMChannelSpatial(5, 3)]
+)
 @pytest.mark.parametrize('training', [True, False])
 def test_all_zero_scales_give_half_gate_not_nan(make, training):
     layer = make().train(training)
@@ -124,7 +126,7 @@ def test_all_zero_scales_give_half_gate_not_nan(make, training):
     x = torch.randn(2, 5, 3, 3, requires_grad=True)
     out = layer(x)
     assert torch.isfinite(out).all()
-    expected = x * 0.5 if not isinstance(layer, NAM) else x * 0.25
+    expected = x * 0.5 if not isinstance(layer, NAMChannelSpatial) else x * 0.25
     torch.testing.assert_close(out, expected)
     out.sum().backward()
     for p in layer.parameters():
@@ -170,7 +172,9 @@ def test_timm_attn_layer_and_se_layer_slots():
 
 
 @pytest.mark.parametrize('weighting', ['sum', 'mean'])
-@pytest.mark.parametrize('make', [NAMChannel, partial(NAMSpatial, feat_size=5), partial(NAM, feat_size=5)])
+@pytest.mark.parametrize(
+    'make', [NAMChannel, partial(NAMSpatial, feat_size=5), partial(NAMChannelSpatial, feat_size=5)]
+)
 def test_torchscript_matches_eager(make, weighting):
     layer = make(8, weighting=weighting)
     scripted = torch.jit.script(layer)
@@ -184,7 +188,7 @@ def test_torchscript_matches_eager(make, weighting):
 @pytest.mark.parametrize('weighting', ['sum', 'mean'])
 @pytest.mark.parametrize('backend', ['aot_eager', 'inductor'])
 def test_compile_fullgraph_matches_eager(backend, weighting):
-    layer = NAM(8, 5, weighting=weighting).train()
+    layer = NAMChannelSpatial(8, 5, weighting=weighting).train()
     compiled = torch.compile(layer, fullgraph=True, backend=backend)
     x = torch.randn(2, 8, 5, 5)
     torch.testing.assert_close(compiled(x), layer(x))
@@ -293,3 +297,14 @@ def test_half_control_is_plain_resnet_with_each_branch_halved():
         block.bn2.bias.data *= 0.5
     torch.testing.assert_close(out, plain(x), rtol=1e-10, atol=1e-10)
     assert sum(p.numel() for p in half.parameters()) == sum(p.numel() for p in plain.parameters())
+
+
+def test_the_name_nam_before_0_2_still_gives_the_channel_then_spatial_layer_with_a_warning():
+    import timm_nam
+    from timm_nam import NAMChannelSpatial
+
+    with pytest.warns(DeprecationWarning, match='NAMChannelSpatial'):
+        assert timm_nam.NAM is NAMChannelSpatial
+    with pytest.warns(DeprecationWarning):
+        from timm_nam.layers import NAM
+    assert NAM is NAMChannelSpatial

@@ -12,7 +12,7 @@ from timm.models import get_pretrained_cfg_value, save_for_hf
 
 import timm_nam  # noqa: F401  registers the models also when TIMM_DISABLE_PLUGINS is set
 from tests.helpers import PAPER_PARAMS, placement_errors
-from timm_nam import NAM, NAMChannel, NAMSpatial
+from timm_nam import NAMChannel, NAMChannelSpatial, NAMSpatial
 from timm_nam.layers import NormNAM
 from timm_nam.models import MODEL_MODULES
 
@@ -94,7 +94,7 @@ def test_nam_placement_mobilenetv2_is_after_projection_bn():
     blocks = [b for s in model.blocks for b in s]
     assert len(blocks) == 17
     sites = [b.bn3 if hasattr(b, 'bn3') else b.bn2 for b in blocks]
-    assert all(isinstance(s, NormNAM) and isinstance(s.nam, NAM) for s in sites)
+    assert all(isinstance(s, NormNAM) and isinstance(s.nam, NAMChannelSpatial) for s in sites)
     assert [s.nam.spatial.feat_size[0] for s in sites] == [112] + [56] * 2 + [28] * 3 + [14] * 7 + [7] * 4
     # the gate sees the projection norm's output and feeds the residual add: check one block numerically
     block = model.blocks[1][1]  # an inverted residual with a shortcut (24 channels, 56x56)

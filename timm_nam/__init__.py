@@ -5,7 +5,17 @@ this module stays light: the penalty, training and Hub helpers are imported on f
 """
 
 from . import models  # registers the models
-from .layers import BAM, NAM, ConstantScale, NAMChannel, NAMGate, NAMSpatial, SimAM, TripletAttention, nam_weights
+from .layers import (
+    BAM,
+    ConstantScale,
+    NAMChannel,
+    NAMChannelSpatial,
+    NAMGate,
+    NAMSpatial,
+    SimAM,
+    TripletAttention,
+    nam_weights,
+)
 
 __version__ = '0.2.0.dev0'
 
@@ -24,6 +34,10 @@ _LAZY = {
 
 
 def __getattr__(name):
+    if name == 'NAM':
+        from . import layers
+
+        return layers.NAM  # deprecated: NAMChannelSpatial
     if name in _LAZY:
         import importlib
 
@@ -32,8 +46,8 @@ def __getattr__(name):
 
 
 __all__ = [
-    'NAM',
     'NAMChannel',
+    'NAMChannelSpatial',
     'NAMSpatial',
     'NAMGate',
     'BAM',

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .layers import NAM, ConstantScale, NAMChannel, NAMSpatial, NormNAM
+from .layers import ConstantScale, NAMChannel, NAMChannelSpatial, NAMSpatial, NormNAM
 from .models._attn import nam_options
 from .models._placement import insert_nam, model_name
 
@@ -32,7 +32,7 @@ StateDict = Dict[str, torch.Tensor]
 def _gates(nam: nn.Module) -> List[Tuple[Optional[nn.Module], float]]:
     """The gates of a site in the order they apply (channel, then spatial), each with the factor that undoes it at
     the start: a fresh NAM gate is about 0.5, a constant scale is its value (and has no state of its own)."""
-    if isinstance(nam, NAM):
+    if isinstance(nam, NAMChannelSpatial):
         return [(nam.channel, 2.0), (nam.spatial, 2.0)]
     if isinstance(nam, (NAMChannel, NAMSpatial)):
         return [(nam, 2.0)]

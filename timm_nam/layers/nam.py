@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_function, to_2tuple
 
-__all__ = ['NAMChannel', 'NAMSpatial', 'NAM', 'NAMGate', 'nam_weights', 'affine']
+__all__ = ['NAMChannel', 'NAMSpatial', 'NAMChannelSpatial', 'NAMGate', 'nam_weights', 'affine']
 
 # Keyword arguments timm's model builders pass to attention / SE layers. NAM has no reduction MLP, gate choice or
 # activation, so these are accepted and ignored; anything else is a TypeError.
@@ -101,7 +101,7 @@ def folded_gate(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tens
     return s.mul_(x)
 
 
-class _NAMGate(nn.Module):
+class _NAMLayer(nn.Module):
     """What NAM's per-channel and per-pixel gates share: a batch norm over the gated features (channels or pixel
     positions), its importance weights, the eval-mode fold and the fused form, and the options (`NAMChannel`'s Args),
     checked here. ``shape`` is how a vector over those features broadcasts over an (N, C, H, W) input."""
@@ -159,7 +159,7 @@ class _NAMGate(nn.Module):
         return f'channels={self.channels}{size}, {options}'
 
 
-class NAMChannel(_NAMGate):
+class NAMChannel(_NAMLayer):
     """NAM channel attention (paper Eq. 2): ``sigmoid(|γ|/Σ|γ| · BN(x)) · x``.
 
     ``BN`` is a plain affine ``BatchNorm2d(channels)`` (γ init 1, β init 0): batch statistics in training, running
@@ -187,7 +187,7 @@ class NAMChannel(_NAMGate):
         return folded_gate(x, *self.fold())
 
 
-class NAMSpatial(_NAMGate):
+class NAMSpatial(_NAMLayer):
     """NAM spatial attention, "pixel normalization" (paper Eq. 3): ``sigmoid(|λ|/Σ|λ| · BN_s(x)) · x``.
 
     ``BN_s`` normalizes each of the H·W pixel positions with statistics over the batch *and* the channels and has one
@@ -223,7 +223,7 @@ class NAMSpatial(_NAMGate):
         return folded_gate(x, *self.fold())
 
 
-class NAM(nn.Module):
+class NAMChannelSpatial(nn.Module):
     """NAM with channel then spatial attention, in sequence (the paper adopts CBAM's integration).
 
     Args are those of `NAMSpatial`; both gates share ``grad_through_weights``, ``weighting``, ``eps``, ``momentum``,
@@ -274,3 +274,12 @@ class NAMGate(nn.Module):
     def extra_repr(self) -> str:
         kind = 'per channel' if self.feat_size is None else f'per pixel, feat_size={self.feat_size}'
         return f'channels={self.channels}, {kind}'
+
+
+def __getattr__(name):
+    if name == 'NAM':  # the name before 0.2: it read as NAM itself, whose usual form is channel attention
+        import warnings
+
+        warnings.warn('timm_nam.NAM is now NAMChannelSpatial', DeprecationWarning, stacklevel=2)
+        return NAMChannelSpatial
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

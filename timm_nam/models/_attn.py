@@ -14,7 +14,7 @@ import torch.nn as nn
 from timm.layers.cbam import CbamModule
 from timm.layers.squeeze_excite import SEModule
 
-from ..layers import BAM, NAM, ConstantScale, NAMChannel, NAMSpatial, SimAM, TripletAttention
+from ..layers import BAM, ConstantScale, NAMChannel, NAMChannelSpatial, NAMSpatial, SimAM, TripletAttention
 
 __all__ = ['NAM_KINDS', 'SITE_KINDS', 'BLOCK_KINDS', 'create_attn', 'factory_kwargs', 'nam_options']
 
@@ -22,7 +22,7 @@ __all__ = ['NAM_KINDS', 'SITE_KINDS', 'BLOCK_KINDS', 'create_attn', 'factory_kwa
 _TABLE = {
     'nam': ('channel NAM (Eq. 2)', 'block', NAMChannel),
     'nam_sp': ('spatial / pixel NAM (Eq. 3)', 'block', NAMSpatial),
-    'nam_chsp': ('channel then spatial NAM', 'block', NAM),
+    'nam_chsp': ('channel then spatial NAM', 'block', NAMChannelSpatial),
     'se': (
         'Squeeze-and-Excitation, r=16, bias-free FCs (timm SEModule)',
         'block',
