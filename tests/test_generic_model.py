@@ -104,3 +104,13 @@ def test_features_only_gives_the_bases_feature_maps():
     shapes = [tuple(f.shape) for f in model(torch.randn(1, 3, 64, 64))]
     assert shapes == [(1, 128, 8, 8), (1, 512, 2, 2)]
     assert len([m for m in model.modules() if isinstance(m, NAMChannel)]) == 8
+
+
+def test_pretrained_without_weights_is_an_error_that_says_how_to_give_them(tmp_path):
+    with pytest.raises(
+        ValueError, match="'nam' with base efficientnet_lite1 has no pretrained weights.*--pretrained-path"
+    ):
+        timm.create_model('nam', base='efficientnet_lite1', pretrained=True)
+    missing = str(tmp_path / 'missing.safetensors')
+    with pytest.raises(RuntimeError, match=f'Could not load pretrained weights for .* from {missing}'):
+        timm.create_model('nam', base=BASE, pretrained=True, pretrained_cfg_overlay=dict(file=missing))

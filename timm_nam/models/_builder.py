@@ -13,7 +13,7 @@ from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 from ._attn import BLOCK_KINDS, NAM_KINDS, create_attn, factory_kwargs, nam_options
 from ._placement import insert_nam, nam_sites
 
-__all__ = ['build_nam_model', 'finish_nam_model']
+__all__ = ['build_nam_model', 'build_with_weights', 'finish_nam_model']
 
 
 def build_nam_model(
@@ -30,29 +30,45 @@ def build_nam_model(
 
     kwargs = dict(model_args, **kwargs)
     nam_penalty = kwargs.pop('nam_penalty', None)
-    cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
-    if pretrained and not cfg.has_weights:
-        tags = ', '.join(timm.list_pretrained(f'{variant}.*')) or 'no trained tags exist yet'
-        raise ValueError(f'{variant} has no pretrained weights for its default (ImageNet) configuration; tags: {tags}')
     built = []  # whether the network exists: what fails after that is the loading
     network = partial(_network, plain, built)
+    model = build_with_weights(network, variant, pretrained, plain_to_nam_state_dict, feature_cfg, built, **kwargs)
+    return finish_nam_model(model, kwargs.get('img_size'), nam_penalty)
+
+
+def build_with_weights(
+    network: Callable,
+    variant: str,
+    pretrained: bool,
+    convert: Callable,
+    feature_cfg: dict,
+    built: list,
+    name: Optional[str] = None,
+    **kwargs,
+) -> nn.Module:
+    """timm's ``build_model_with_cfg`` with ``convert`` as its ``pretrained_filter_fn``, for a cfg of ``variant``
+    that must have weights if ``pretrained``: an error while loading (after ``network`` has appended the model it
+    built to ``built``) names the model (``name``, default ``variant``), the tag and the source."""
+    cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
+    name = name or variant
+    if pretrained and not cfg.has_weights:
+        tags = ', '.join(timm.list_pretrained(f'{variant}.*')) or 'no trained tags exist yet'
+        raise ValueError(
+            f'{name} has no pretrained weights for its default (ImageNet) configuration; tags: {tags}; or give a '
+            "weights file (pretrained_cfg_overlay=dict(file=...), train.py's --pretrained-path)"
+        )
     try:
-        model = build_model_with_cfg(
-            network,
-            variant,
-            pretrained,
-            pretrained_filter_fn=plain_to_nam_state_dict,
-            feature_cfg=feature_cfg,
-            **kwargs,
+        return build_model_with_cfg(
+            network, variant, pretrained, pretrained_filter_fn=convert, feature_cfg=feature_cfg, **kwargs
         )
     except Exception as e:
         if not (pretrained and built):
             raise
         source = cfg.file or cfg.hf_hub_id or cfg.url or 'its pretrained cfg'  # in the order timm's loader tries them
         raise RuntimeError(
-            f'Could not load pretrained weights for {variant} ({cfg.tag or "default"} tag) from {source}: {e}'
+            f'Could not load pretrained weights for {name} ({cfg.tag or "default"} tag) from {source}: '
+            f'{str(e) or type(e).__name__}'
         ) from e
-    return finish_nam_model(model, kwargs.get('img_size'), nam_penalty)
 
 
 def finish_nam_model(model: nn.Module, img_size, nam_penalty) -> nn.Module:

@@ -15,10 +15,10 @@ from typing import Optional
 
 import timm
 import torch.nn as nn
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, split_model_name_tag
+from timm.models import generate_default_cfgs, register_model, split_model_name_tag
 
 from ._attn import nam_options
-from ._builder import finish_nam_model
+from ._builder import build_with_weights, finish_nam_model
 from ._cfg import nam_cfg
 from ._placement import insert_nam
 
@@ -65,28 +65,34 @@ def nam(
     options = nam_options(kind, weighting, grad_through_weights)
     if img_size is not None and timm.get_pretrained_cfg_value(architecture, 'fixed_input_size'):
         kwargs['img_size'] = img_size  # a base built for one input size takes it too
-    network = partial(_network, architecture, kind, img_size, blocks_without_skip, options)
+    built = []
+    network = partial(_network, architecture, kind, img_size, blocks_without_skip, options, built)
     convert = partial(
         plain_to_nam_state_dict,
         scale_init=SCALE_INIT if scale_init is None else scale_init,
         max_slope=GATE_SLOPE if max_slope is None else max_slope,
     )
-    model = build_model_with_cfg(
+    model = build_with_weights(
         network,
         architecture,
         pretrained,
+        convert,
+        dict(feature_cls='getter'),  # the base's forward_intermediates: any timm CNN's features
+        built,
+        name=f"the model 'nam' with base {base}",
         pretrained_cfg=pretrained_cfg or tag or None,
         pretrained_cfg_overlay=dict(pretrained_cfg_overlay or {}, architecture='nam'),
-        pretrained_filter_fn=convert,
-        feature_cfg=dict(feature_cls='getter'),  # the base's forward_intermediates: any timm CNN's features
         **kwargs,
     )
     return finish_nam_model(model, img_size, nam_penalty)
 
 
-def _network(architecture: str, kind: str, nam_img_size, blocks_without_skip: bool, options: dict, **kwargs):
+def _network(
+    architecture: str, kind: str, nam_img_size, blocks_without_skip: bool, options: dict, built: list, **kwargs
+):
     """The base network with NAM; ``kwargs`` are the base's (``img_size`` among them where its cfg fixes it)."""
     model = timm.create_model(architecture, **kwargs)
     vars(model).pop('_model_args', None)  # the base's build args: timm records the NAM model's own
     size = nam_img_size if nam_img_size is not None else kwargs.get('img_size')
-    return insert_nam(model, kind, img_size=size, blocks_without_skip=blocks_without_skip, **options)
+    built.append(insert_nam(model, kind, img_size=size, blocks_without_skip=blocks_without_skip, **options))
+    return model
