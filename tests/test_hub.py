@@ -178,6 +178,26 @@ def test_export_records_the_input_size_the_run_trained_at(tmp_path):
     assert config['pretrained_cfg']['input_size'] == [3, 40, 56]
 
 
+def test_an_export_of_the_model_nam_builds_the_same_network_again(tmp_path):
+    """The model 'nam' with a base and NAM options: the export's config.json names the architecture 'nam' and records
+    the base and options (with every supported timm: before 1.0.31 timm recorded none), so ``local-dir:`` builds the
+    same network with the same outputs; the penalty and the weights' source are not the network's."""
+    kwargs = dict(base='regnety_002', weighting='mean', blocks_without_skip=True)
+    model = timm.create_model('nam', num_classes=3, **kwargs)
+    overlay = dict(file='/elsewhere/regnety_002.safetensors')
+    args = dict(
+        ARGS, model='nam', num_classes=3, model_kwargs=dict(kwargs, nam_penalty='paper', pretrained_cfg_overlay=overlay)
+    )
+    out = export_run(write_train_py_run(tmp_path / 'run', model, args, [10.0]), tmp_path / 'export', tag='t')
+    config = json.loads((out / 'config.json').read_text())
+    assert config['architecture'] == 'nam' and config['pretrained_cfg']['hf_hub_id'] == 'timm-nam/regnety_002_nam.t'
+    assert {k: config['model_args'][k] for k in kwargs} == kwargs
+    assert not {'nam_penalty', 'pretrained_cfg_overlay'} & set(config['model_args'])
+    loaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(loaded(x), model.eval()(x))
+
+
 def _modes(folder: Path) -> dict:
     return {f.name: stat.S_IMODE(f.stat().st_mode) for f in folder.iterdir()}
 

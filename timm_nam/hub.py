@@ -32,6 +32,8 @@ __all__ = [
 REQUIRED_FILES = ('config.json', 'model.safetensors', 'README.md')
 PICKLE_SUFFIXES = ('.bin', '.pth', '.pt', '.pkl', '.ckpt', '.tar')
 RECORDS = ('args.yaml', 'summary.csv')
+# train.py model kwargs that are not the network: the penalty (a training setting) and where weights came from
+_NOT_ARCHITECTURE = ('nam_penalty', 'pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir')
 
 
 def _label_names(data_dir: Optional[str]) -> Optional[List[str]]:
@@ -71,10 +73,12 @@ def export_run(run_path, out_dir, tag: str, dataset_name: Optional[str] = None, 
     model_config['pretrained_cfg'] = pretrained_cfg
     # newer timm merge into it; the architecture builds the model again with the recorded model_args (base=...)
     model.pretrained_cfg = model.default_cfg = dict(pretrained_cfg, architecture=run.args['model'])
+    # what builds the same network again (base=... for the model 'nam'; timm before 1.0.31 records none of it), and
     # the input size a fixed-size model (pixel attention) was built for; the others take any size
-    fixed = pretrained_cfg.get('fixed_input_size')
-    model_args = {'img_size': list(pretrained_cfg['input_size'][-2:])} if fixed else None
-    save_for_hf(model, out_dir, model_config=model_config, model_args=model_args, safe_serialization=True)
+    model_args = {k: v for k, v in (run.args.get('model_kwargs') or {}).items() if k not in _NOT_ARCHITECTURE}
+    if pretrained_cfg.get('fixed_input_size'):
+        model_args['img_size'] = list(pretrained_cfg['input_size'][-2:])
+    save_for_hf(model, out_dir, model_config=model_config, model_args=model_args or None, safe_serialization=True)
     # safetensors writes its file 0600; it gets the permissions of the export's other files (the umask's)
     os.chmod(out_dir / 'model.safetensors', stat.S_IMODE((out_dir / 'config.json').stat().st_mode))
     for record in RECORDS:
