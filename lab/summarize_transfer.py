@@ -127,7 +127,7 @@ def gate_lines(gates) -> list:
         '|---|---|---|---:|---:|---|---:|---:|',
     ]
     for (backbone, regime, arm), gs in groups.items():
-        moved = sum(abs(float(g['median_ratio']) - 1) > 0.01 or float(g['grew']) > 0 for g in gs)
+        moved = sum(float(g['max_ratio']) > 1.01 or float(g['min_ratio']) < 0.99 for g in gs)
         ratios = [float(g['median_ratio']) for g in gs]
         grew = statistics.mean(float(g['grew']) for g in gs)
         zero = statistics.mean(float(g['near_zero']) for g in gs)
