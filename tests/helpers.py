@@ -3,6 +3,7 @@ downloads), batch-norm states for the conversion tests and the research area's m
 
 import importlib
 import os
+import re
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
@@ -189,28 +190,20 @@ def write_train_py_run(directory: Path, model: nn.Module, args: dict, top1: Sequ
 
 # blocks that always add their branch to a shortcut, by (timm module, class)
 _ALWAYS_RESIDUAL = {
-    ('resnet', 'BasicBlock'), ('resnet', 'Bottleneck'), ('res2net', 'Bottle2neck'), ('regnet', 'Bottleneck'),
+    ('resnet', 'BasicBlock'), ('resnet', 'Bottleneck'), ('res2net', 'Bottle2neck'),
     ('cspnet', 'BottleneckBlock'), ('cspnet', 'DarkBlock'), ('dla', 'DlaBasic'), ('dla', 'DlaBottleneck'),
     ('dla', 'DlaBottle2neck'), ('ghostnet', 'GhostBottleneck'), ('convmixer', 'Residual'), ('senet', 'SEResNetBlock'),
     ('senet', 'SEBottleneck'), ('senet', 'SEResNetBottleneck'), ('senet', 'SEResNeXtBottleneck'),
     ('sknet', 'SelectiveKernelBasic'), ('sknet', 'SelectiveKernelBottleneck'), ('resnest', 'ResNestBottleneck'),
+    ('non_local_attn', 'BatNonLocalAttn'),
 }  # fmt: skip
 # blocks that sum parallel branches of one input: no residual branch
 _PARALLEL_BRANCHES = {('byobnet', 'RepVggBlock'), ('byobnet', 'MobileOneBlock')}
 _SHORTCUT_FLAGS = ('has_skip', 'use_shortcut', 'use_res_connect', 'has_residual', 'residual')
 # children of a block that are not its branch's main path
-_NOT_BRANCH = (
-    'downsample',
-    'shortcut',
-    'skip',
-    'conv_shortcut',
-    'identity',
-    'se',
-    'se_module',
-    'attn',
-    'attn_last',
-    'aa',
-)
+_NOT_BRANCH = ('downsample', 'shortcut', 'skip', 'conv_shortcut', 'identity', 'aa')
+# gating attentions inside a branch (x · g(x)): the branch ends before them, in the norm they gate
+_GATES = re.compile(r'(SE|Se|Ese|Eca|Cbam|GatherExcite|GlobalContext|SqueezeExcite)(Module|Layer)?$')
 
 
 def _block_kind(module: nn.Module) -> Optional[bool]:
@@ -228,6 +221,8 @@ def _block_kind(module: nn.Module) -> Optional[bool]:
         return module.shortcut is not None
     if key == ('dla', 'DlaRoot'):
         return bool(module.shortcut)
+    if key == ('regnet', 'Bottleneck'):
+        return module.downsample is not None  # RegNetZ's first blocks have no shortcut at all
     return None
 
 
@@ -236,12 +231,14 @@ def _branch_layers(block: nn.Module) -> list:
     its norm), leaving out its shortcut, attention and anti-aliasing children."""
     from timm_nam.layers import NormNAM
 
-    layers, inside_site = [], ()
+    layers, skipped = [], ()
     for name, m in block.named_modules():
-        if not name or name.split('.')[0] in _NOT_BRANCH or (inside_site and name.startswith(inside_site)):
+        if not name or name.split('.')[0] in _NOT_BRANCH or (skipped and name.startswith(skipped)):
             continue
-        if isinstance(m, NormNAM):
-            inside_site = name + '.'
+        if isinstance(m, NormNAM) or _GATES.search(type(m).__name__):
+            skipped = name + '.'  # a NAM site counts as its norm; a gating attention is not the branch's end
+        if _GATES.search(type(m).__name__):
+            continue
         if isinstance(m, (NormNAM, nn.modules.batchnorm._BatchNorm, nn.modules.conv._ConvNd)):
             layers.append((name, m))
     return layers

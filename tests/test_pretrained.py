@@ -395,6 +395,7 @@ def test_add_nam_gives_a_plain_network_the_registered_nam_model():
         ('vit_tiny_patch16_224', 'it has no batch norm'),
         ('densenet121', 'it has no residual add (NAM gates the branch of a residual block, before the add)'),
         ('resnetv2_50', 'none of its residual branches ends in a batch norm; they end in Conv2d ×16 (pre-activation'),
+        ('repghostnet_050', 'none of its residual branches ends in a batch norm; they end in a sum of branches (add)'),
     ],
 )
 def test_add_nam_refuses_networks_it_cannot_convert_and_leaves_them_unchanged(arch, reason):

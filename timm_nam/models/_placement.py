@@ -192,30 +192,33 @@ class _Sums:
         self.residual = {n: (fork, branch) for n, (fork, branch, _) in split.items() if n not in parallel}
 
     def _split(self, node: fx.Node) -> Optional[Tuple[fx.Node, fx.Node, bool]]:
-        """The sum ``node``'s fork, its branch operand and whether the branch holds more convolutions than the
-        shortcut (a residual add) or not (parallel branches); None where no operand is a projection of the fork."""
+        """The sum ``node``'s fork, its branch operand and whether it is a residual add: the branch holds more weight
+        layers than the shortcut, and the shortcut is not a norm of the fork alone (the identity branch of a
+        re-parameterisable block, as in RepVGG, MobileOne and RepGhost, which sums parallel branches); None where no
+        operand is the fork or a projection of it."""
         found = []
         for shortcut, branch in itertools.permutations(_full_operands(node)):
-            fork, layers = self._projection(shortcut, branch)
+            fork, layers, normed = self._projection(shortcut, branch)
             if fork is not None:
-                found.append((layers, fork, branch))
+                found.append((layers, normed, fork, branch))
         if not found:
             return None
-        layers, fork, branch = min(found, key=lambda f: f[0])
+        layers, normed, fork, branch = min(found, key=lambda f: f[:2])
         branch_layers = bin(self.weight_layers & self.up[branch] & self.down[fork] & ~self.bit[fork]).count('1')
-        return fork, branch, branch_layers > layers
+        return fork, branch, branch_layers > layers and not (normed and layers == 0)
 
-    def _projection(self, node: fx.Node, other: fx.Node) -> Tuple[Optional[fx.Node], int]:
-        """Where ``node`` forks from ``other``'s computation, if ``node`` is that point or a projection of it, and the
-        convolutions on the way; (None, 0) where it is neither."""
-        layers = 0
+    def _projection(self, node: fx.Node, other: fx.Node) -> Tuple[Optional[fx.Node], int, bool]:
+        """Where ``node`` forks from ``other``'s computation, if ``node`` is that point or a projection of it, the
+        weight layers on the way and whether a norm is among them; (None, 0, False) where it is neither."""
+        layers, normed = 0, False
         while not self.up[other] & self.bit[node]:
             inputs = [a for a in node.all_input_nodes if a.op != 'get_attr']
             if len(inputs) != 1 or not self._projects(node):
-                return None, 0
+                return None, 0, False
             layers += self._is_weight_layer(node)
+            normed |= node.op == 'call_module' and isinstance(self.graph.get_submodule(node.target), _BatchNorm)
             node = inputs[0]
-        return node, layers
+        return node, layers, normed
 
     def _projects(self, node: fx.Node) -> bool:
         if node.op == 'call_module':
