@@ -14,6 +14,7 @@ Inverted-residual blocks without a skip (timm's ``has_skip``) have no add; the p
 with ``blocks_without_skip`` their output is walked back alike. `insert_nam` makes each norm a `NormNAM`.
 """
 
+import functools
 import itertools
 import operator
 from collections import Counter, OrderedDict
@@ -164,10 +165,10 @@ def _cat_dim(node: fx.Node) -> int:
 class _Sums:
     """The sums of a traced network told apart: a residual add is a block's shortcut plus its branch, where the
     shortcut is the point the two fork from (the block's input) or a projection of it (convolutions, norms, pooling
-    in a chain: a downsample) and the branch holds more convolutions than the shortcut. Sums of parallel branches of
-    one input (MobileOne's and RepVGG's train-time blocks: several one-conv branches, or a chain of sums from one fork)
-    are not residual blocks; nor are sums whose operands do not fork as a block's do (Res2Net's hierarchical split
-    sums, HRNet's multi-resolution fusion)."""
+    in a chain: a downsample) and the branch holds more weight layers than the shortcut. Sums of parallel branches of
+    one input (the train-time blocks of MobileOne, RepVGG and RepGhost: one-conv branches, an identity norm, or a
+    chain of sums from one fork) are not residual blocks; nor are sums whose operands do not fork as a block's do
+    (Res2Net's hierarchical split sums, HRNet's multi-resolution fusion)."""
 
     def __init__(self, graph: fx.GraphModule):
         self.graph = graph
@@ -234,10 +235,7 @@ class _Sums:
 
 
 def _union(masks) -> int:
-    out = 0
-    for mask in masks:
-        out |= mask
-    return out
+    return functools.reduce(operator.or_, masks, 0)
 
 
 def _find_sites(model: nn.Module, img_size, blocks_without_skip: bool) -> Tuple[Dict[str, torch.Size], Counter]:
